@@ -1,0 +1,172 @@
+"""asyncio client: the same methods as `Client`, awaitable; streams are async iterators."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from interpgw.v1 import gateway_pb2 as pb
+from interpgw.v1 import gateway_pb2_grpc as pb_grpc
+from interpgw_client import protocol as P
+from interpgw_client.client import DEFAULT_ADDRESS
+from interpgw_client.errors import from_rpc_error
+
+
+class AsyncGenerateStream:
+    """`async for event in stream` yields TokenEvents; `.result` holds the GenerateResult at the end."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, as_torch: bool) -> None:
+        self._call = call
+        self._assembler = P.TensorAssembler(as_torch)
+        self.result: P.GenerateResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[P.TokenEvent]:
+        try:
+            async for message in self._call:
+                kind = message.WhichOneof("event")
+                if kind == "token":
+                    t = message.token
+                    yield P.TokenEvent(index=t.index, token_ids=list(t.token_ids), text=t.text)
+                elif kind == "tensor":
+                    self._assembler.add(message.tensor)
+                elif kind == "done":
+                    self.result = P.generate_result(message.done, self._assembler)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def collect(self) -> P.GenerateResult:
+        async for _ in self:
+            pass
+        assert self.result is not None, "stream ended without a final message"
+        return self.result
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        as_torch: bool = False,
+        timeout: float | None = None,
+        max_message_bytes: int = 64 * 2**20,
+    ) -> None:
+        options = P.channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.GatewayStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.as_torch = as_torch
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise TimeoutError("gateway is up but not serving")
+
+    async def models(self) -> list[P.ModelInfo]:
+        try:
+            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [P.ModelInfo.from_proto(m) for m in response.models]
+
+    async def model_info(self, model: str = "") -> P.ModelInfo:
+        try:
+            response = await self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return P.ModelInfo.from_proto(response)
+
+    def generate_stream(
+        self,
+        prompt: P.PromptLike,
+        *,
+        model: str = "",
+        max_tokens: int = 64,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        capture: Sequence[str] | str | None = None,
+        positions: P.PositionsLike = "all",
+        capture_generated: bool = False,
+        capture_dtype: str = "",
+        add_generation_prompt: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> AsyncGenerateStream:
+        request = P.build_generate(
+            prompt,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            capture=capture,
+            positions=positions,
+            capture_generated=capture_generated,
+            capture_dtype=capture_dtype,
+            add_generation_prompt=add_generation_prompt,
+        )
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=metadata)
+        return AsyncGenerateStream(call, self.as_torch)
+
+    async def generate(self, prompt: P.PromptLike, **kwargs) -> P.GenerateResult:  # noqa: ANN003
+        return await self.generate_stream(prompt, **kwargs).collect()
+
+    async def trace(
+        self,
+        prompts: P.PromptLike | Sequence[P.PromptLike],
+        hooks: Sequence[str] | str | None = None,
+        *,
+        positions: P.PositionsLike = "all",
+        model: str = "",
+        dtype: str = "",
+        top_k: int = 0,
+        add_generation_prompt: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> P.TraceResult:
+        request = P.build_trace(
+            prompts,
+            model=model,
+            hooks=hooks,
+            positions=positions,
+            dtype=dtype,
+            top_k=top_k,
+            add_generation_prompt=add_generation_prompt,
+        )
+        assembler = P.TensorAssembler(self.as_torch)
+        traces: dict[int, P.PromptTrace] = {}
+        try:
+            async for message in self._stub.Trace(request, timeout=self.timeout, metadata=metadata):
+                if message.WhichOneof("event") == "prompt":
+                    traces[message.prompt.prompt_index] = P.prompt_trace(message.prompt)
+                else:
+                    assembler.add(message.tensor)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return P.trace_result(traces, assembler)

@@ -1,0 +1,42 @@
+"""Decoding wire tensors. numpy has no bfloat16: bf16 becomes float32 (exact, every bf16 is a float32),
+unless torch is asked for, which keeps the dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_NUMPY = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+
+
+def to_numpy(dtype: str, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    if dtype == "bfloat16":
+        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    if dtype not in _NUMPY:
+        raise ValueError(f"unsupported tensor dtype {dtype!r}")
+    return np.frombuffer(data, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")).reshape(shape).copy()
+
+
+def to_torch(dtype: str, shape: tuple[int, ...], data: bytes) -> Any:
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
+
+
+def decode(dtype: str, shape: tuple[int, ...], data: bytes, as_torch: bool = False) -> Any:
+    return to_torch(dtype, shape, data) if as_torch else to_numpy(dtype, shape, data)

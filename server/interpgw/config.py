@@ -1,0 +1,36 @@
+"""Server configuration: one pydantic model, filled from CLI flags (see `interpgw serve --help`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class EngineConfig(BaseModel):
+    model: str = Field("default", description="model folder or hub id; 'default' = SmolLM2-135M-Instruct")
+    served_model_id: str | None = Field(None, description="id clients use; defaults to the folder name")
+    dtype: str = Field("bfloat16", description="bfloat16 | float32 | float16")
+    max_model_len: int | None = Field(2048, description="context length (None: the model's own)")
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = Field(None, description="tokens per step; small values force chunked prefill")
+    enable_prefix_caching: bool = True
+    kv_cache_gib: float = Field(2.0, description="KV cache size on CPU")
+    max_logprobs: int = 20
+    seed: int = 0
+
+
+class LimitsConfig(BaseModel):
+    max_capture_bytes: int = Field(512 * 2**20, description="per request; beyond it RESOURCE_EXHAUSTED")
+    max_trace_prompts: int = 256
+    max_hooks: int = 4096
+    max_new_tokens: int = 4096
+    default_max_tokens: int = 64
+    max_message_bytes: int = 64 * 2**20
+
+
+class ServerConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    engine: EngineConfig = EngineConfig()
+    limits: LimitsConfig = LimitsConfig()
+    enable_fault_injection: bool = Field(False, description="test only: honour x-interpgw-fault metadata")
+    startup_probe: bool = True

@@ -1,0 +1,99 @@
+"""Transport-neutral request and result types of the service core (the gRPC layer converts to and from these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from interpgw.core.positions import PositionSelector
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """Exactly one of text, chat or token_ids is set."""
+
+    text: str | None = None
+    chat: tuple[ChatTurn, ...] | None = None
+    add_generation_prompt: bool = True
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    hooks: tuple[str, ...]
+    positions: PositionSelector = field(default_factory=PositionSelector)
+    generated: bool = False
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class SamplingInput:
+    """As the client sent it; None means 'server default'."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    prompt: PromptInput
+    model: str = ""
+    sampling: SamplingInput = field(default_factory=SamplingInput)
+    capture: CaptureOptions | None = None
+
+
+@dataclass(frozen=True)
+class TraceInput:
+    prompts: tuple[PromptInput, ...]
+    model: str = ""
+    capture: CaptureOptions | None = None
+    top_k_logits: int = 0
+
+
+@dataclass
+class TokenDelta:
+    index: int  # index of the first token of this delta within the generation
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Captured:
+    positions: list[int]  # absolute positions of the rows
+    tensors: dict[str, Any]  # hook -> torch.Tensor [n_positions, d_model]
+
+
+@dataclass
+class GenerateDone:
+    finish_reason: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    captured: Captured | None = None
+    cached_prompt_tokens: int = 0
+
+
+@dataclass
+class TopLogits:
+    token_ids: list[int]
+    logprobs: list[float]
+    tokens: list[str]
+
+
+@dataclass
+class TracedPrompt:
+    prompt_index: int
+    token_ids: list[int]
+    tokens: list[str]
+    captured: Captured | None
+    top_logits: TopLogits | None

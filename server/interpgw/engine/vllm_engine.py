@@ -1,0 +1,187 @@
+"""The engine adapter: vLLM's V1 `AsyncLLM` with the gateway's worker extension installed.
+
+This module and `worker_ext.py` are the only places that import vLLM. Hooks are plain PyTorch forward hooks,
+so the engine runs eagerly (`enforce_eager=True`): torch.compile and CUDA graphs would silently skip them.
+A start-up probe checks that every hook point actually fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from interpgw.config import EngineConfig
+from interpgw.core.capture import EXTRA_ARGS_KEY, CaptureOrder
+from interpgw.core.errors import Internal
+from interpgw.core.hookpoints import all_hook_names
+from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
+from interpgw.engine.worker_ext import FAULT_INJECTION_ENV
+from interpgw.models.resolve import resolve_model
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "interpgw.engine.worker_ext.InterpWorkerExtension"
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+
+def _set_process_env(allow_faults: bool) -> None:
+    """Environment the engine process inherits (it is started after this)."""
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "interpgw" / "vllm"))
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # hooks rely on the V1 runner's batch layout
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # We run eagerly anyway (hooks need it). Without this, vLLM's sampler helpers decorated with torch.compile
+    # (logprob ranks, top-k/top-p) build C++ kernels with inductor on first use: minutes on a 2-core machine,
+    # during which every request in the batch stalls.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if allow_faults:
+        os.environ[FAULT_INJECTION_ENV] = "1"
+
+
+def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
+    torch_dtype = _TORCH_DTYPES[dtype]
+    if not raw:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+
+
+class VllmEngine:
+    """One served model."""
+
+    def __init__(self, llm, facts: ModelFacts) -> None:  # noqa: ANN001 - vllm type kept out of signatures
+        self._llm = llm
+        self.facts = facts
+
+    @classmethod
+    async def start(cls, config: EngineConfig, allow_faults: bool = False, probe: bool = True) -> VllmEngine:
+        _set_process_env(allow_faults)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model_path, default_id = resolve_model(config.model)
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            served_model_name=[config.served_model_id or default_id],
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            enforce_eager=True,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            max_logprobs=config.max_logprobs,
+            seed=config.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        await llm.collective_rpc("interpgw_install")
+        model_config = llm.model_config
+        text_config = model_config.hf_config.get_text_config()
+        facts = ModelFacts(
+            id=config.served_model_id or default_id,
+            architecture=(model_config.hf_config.architectures or ["unknown"])[0],
+            n_layers=int(text_config.num_hidden_layers),
+            d_model=int(text_config.hidden_size),
+            vocab_size=int(text_config.vocab_size),
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            max_model_len=int(model_config.max_model_len),
+            source=str(model_path),
+        )
+        engine = cls(llm, facts)
+        if probe:
+            await engine.probe()
+        return engine
+
+    async def probe(self) -> None:
+        """Hazard check: every hook point must fire and return rows of the right shape."""
+        hooks = tuple(all_hook_names(self.facts.n_layers))
+        key = f"probe-{uuid.uuid4().hex}"
+        order = CaptureOrder(key=key, hooks=hooks, prompt_len=3, prompt_positions=None, generated=False)
+        async for _ in self.generate(key, [1, 2, 3], SamplingOptions(max_tokens=1, temperature=0.0), order):
+            pass
+        result = (await self.collect([key]))[key]
+        missing = [h for h in hooks if tuple(result.tensors.get(h, torch.empty(0)).shape) != (3, self.facts.d_model)]
+        if result.error or missing:
+            raise Internal(
+                f"start-up probe failed: hooks did not fire or gave wrong shapes for {missing[:5]} "
+                f"(error: {result.error}); is the engine compiled instead of eager?"
+            )
+        log.info("start-up probe: all %d hook points fired", len(hooks))
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingOptions,
+        capture: CaptureOrder | None,
+    ) -> AsyncIterator[EngineStep]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            logprobs=sampling.top_logprobs or None,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_ARGS_KEY: capture.to_extra_args()} if capture else None,
+            # a capture must see every prompt position computed, not read from the prefix cache
+            skip_reading_prefix_cache=True if capture else None,
+        )
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
+        async for output in self._llm.generate(prompt, params, request_id):
+            completion = output.outputs[0]
+            step = EngineStep(
+                token_ids=list(completion.token_ids),
+                text=completion.text,
+                finished=output.finished,
+                finish_reason=completion.finish_reason,
+                cached_prompt_tokens=int(output.num_cached_tokens or 0),
+            )
+            if sampling.top_logprobs and completion.logprobs:
+                for position in completion.logprobs:
+                    ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+                    step.top_logprobs.append(
+                        [(tid, float(lp.logprob), lp.decoded_token or "") for tid, lp in ranked][
+                            : sampling.top_logprobs
+                        ]
+                    )
+            yield step
+
+    async def collect(self, keys: list[str]) -> dict[str, CaptureResult]:
+        raw = (await self._llm.collective_rpc("interpgw_pop", args=(keys,)))[0]
+        results = {}
+        for key, item in raw.items():
+            tensors = {hook: tensor_from_wire(*wire) for hook, wire in (item.get("tensors") or {}).items()}
+            results[key] = CaptureResult(
+                positions=list(item.get("positions") or []), tensors=tensors, error=item.get("error")
+            )
+        return results
+
+    async def discard(self, keys: list[str]) -> None:
+        await self._llm.collective_rpc("interpgw_discard", args=(keys,))
+
+    async def hook_fire_counts(self) -> dict[str, int]:
+        return (await self._llm.collective_rpc("interpgw_fire_counts"))[0]
+
+    def is_healthy(self) -> bool:
+        return not getattr(self._llm, "errored", False)
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,108 @@
+"""`interpgw serve`: start the engine(s), then the gRPC server; drain and stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from interpgw.config import EngineConfig, LimitsConfig, ServerConfig
+
+log = logging.getLogger("interpgw")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="interpgw serve", description=__doc__)
+    e, lim = EngineConfig(), LimitsConfig()
+    parser.add_argument("--model", default=e.model, help="model folder or hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-id", default=None, help="id clients use (default: the folder name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--dtype", default=e.dtype, choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--max-model-len", type=int, default=e.max_model_len)
+    parser.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per engine step; small values force chunked prefill")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
+    parser.add_argument("--max-logprobs", type=int, default=e.max_logprobs)
+    parser.add_argument("--max-capture-bytes", type=int, default=lim.max_capture_bytes)
+    parser.add_argument("--max-trace-prompts", type=int, default=lim.max_trace_prompts)
+    parser.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to drain streams on stop")
+    parser.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-startup-probe", action="store_true", help="skip the hooks-fire check at start-up")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        engine=EngineConfig(
+            model=args.model,
+            served_model_id=args.served_model_id,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
+            kv_cache_gib=args.kv_cache_gib,
+            max_logprobs=args.max_logprobs,
+        ),
+        limits=LimitsConfig(
+            max_capture_bytes=args.max_capture_bytes,
+            max_trace_prompts=args.max_trace_prompts,
+            max_new_tokens=args.max_new_tokens,
+        ),
+        enable_fault_injection=args.enable_fault_injection,
+        startup_probe=not args.no_startup_probe,
+    )
+
+
+async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
+    from transformers import AutoTokenizer
+
+    from interpgw.core.prompts import PromptEncoder
+    from interpgw.engine.vllm_engine import VllmEngine
+    from interpgw.service import GatewayService, ServedModel
+    from interpgw.transport.server import GatewayServer
+
+    engine = await VllmEngine.start(config.engine, allow_faults=config.enable_fault_injection,
+                                    probe=config.startup_probe)
+    facts = engine.facts
+    tokenizer = AutoTokenizer.from_pretrained(facts.source)
+    served = ServedModel(
+        engine=engine,
+        encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
+        max_logprobs=config.engine.max_logprobs,
+    )
+    service = GatewayService([served], config.limits, allow_faults=config.enable_fault_injection)
+    server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes)
+    await server.start()
+    log.info("interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d", facts.id, facts.architecture,
+             facts.n_layers, facts.d_model, facts.dtype, config.host, server.port)
+    print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
+        await server.stop(shutdown_grace)
+    finally:
+        await engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(config_from_args(args), args.shutdown_grace))
+
+
+if __name__ == "__main__":
+    main()

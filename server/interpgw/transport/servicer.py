@@ -1,0 +1,84 @@
+"""The gRPC servicer: thin. Converts messages, calls the service core, streams results."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from interpgw.core.requests import GenerateDone, TokenDelta
+from interpgw.service import GatewayService
+from interpgw.transport import convert
+from interpgw.transport.errors import streaming, unary
+from interpgw.v1 import gateway_pb2 as pb
+from interpgw.v1 import gateway_pb2_grpc as pb_grpc
+
+FAULT_METADATA = "x-interpgw-fault"
+
+
+def _fault(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == FAULT_METADATA:
+            return str(value)
+    return ""
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        models = [convert.model_info(f, self.service.hook_points(f.id)) for f in self.service.list_models()]
+        return pb.ListModelsResponse(models=models)
+
+    @unary
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        facts = self.service.model(request.model).facts
+        return convert.model_info(facts, self.service.hook_points(facts.id))
+
+    @streaming
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        async for event in self.service.generate(convert.generate_input(request), fault=_fault(context)):
+            if isinstance(event, TokenDelta):
+                token = pb.TokenEvent(index=event.index, token_ids=event.token_ids, text=event.text)
+                yield pb.GenerateResponse(token=token)
+            elif isinstance(event, GenerateDone):
+                positions: list[int] = []
+                if event.captured is not None:
+                    positions = event.captured.positions
+                    for chunk in convert.tensor_messages(0, event.captured):
+                        yield pb.GenerateResponse(tensor=chunk)
+                done = pb.GenerateDone(
+                    finish_reason=event.finish_reason,
+                    prompt_token_ids=event.prompt_token_ids,
+                    output_token_ids=event.output_token_ids,
+                    text=event.text,
+                    captured_positions=positions,
+                    cached_prompt_tokens=event.cached_prompt_tokens,
+                )
+                yield pb.GenerateResponse(done=done)
+
+    @streaming
+    async def Trace(self, request: pb.TraceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TraceResponse]:
+        async for traced in self.service.trace(convert.trace_input(request), fault=_fault(context)):
+            result = pb.TracePromptResult(
+                prompt_index=traced.prompt_index,
+                token_ids=traced.token_ids,
+                tokens=traced.tokens,
+                captured_positions=traced.captured.positions if traced.captured else [],
+            )
+            if traced.top_logits is not None:
+                result.top_logits.CopyFrom(
+                    pb.TopLogits(
+                        token_ids=traced.top_logits.token_ids,
+                        logprobs=traced.top_logits.logprobs,
+                        tokens=traced.top_logits.tokens,
+                    )
+                )
+            yield pb.TraceResponse(prompt=result)
+            if traced.captured is not None:
+                for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
+                    yield pb.TraceResponse(tensor=chunk)

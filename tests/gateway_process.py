@@ -1,0 +1,67 @@
+"""Start a real `interpgw serve` process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from interpgw_client import Client
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GatewayProcess:
+    """A gateway subprocess; `address` is host:port. Logs go to a temp file, shown if start-up fails."""
+
+    def __init__(self, *args: str, startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkstemp(prefix="interpgw-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        command = [sys.executable, "-m", "interpgw.serve", "--port", str(self.port), *args]
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with Client(self.address) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
+                try:
+                    client.wait_ready(timeout=2.0)
+                    return
+                except Exception:  # noqa: BLE001 - not up yet
+                    time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
