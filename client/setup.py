@@ -29,8 +29,15 @@ def generate_stubs() -> None:
     root = _proto_root()
     protos = sorted(str(p.relative_to(root)) for p in (root / "interpgw" / "v1").glob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={HERE}", f"--pyi_out={HERE}",
-            f"--grpc_python_out={HERE}", *protos]
+    args = [
+        "protoc",
+        f"-I{root}",
+        f"-I{include}",
+        f"--python_out={HERE}",
+        f"--pyi_out={HERE}",
+        f"--grpc_python_out={HERE}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
 

@@ -12,19 +12,29 @@ from gateway_process import GatewayProcess
 
 # The default model's server: fp32 for exactness, a small step budget so long prompts are chunked.
 DEFAULT_SERVER_ARGS = (
-    "--dtype", "float32",
-    "--max-num-batched-tokens", "64",
-    "--max-num-seqs", "32",
-    "--kv-cache-gib", "1",
-    "--max-capture-bytes", str(256 * 2**20),
+    "--dtype",
+    "float32",
+    "--max-num-batched-tokens",
+    "64",
+    "--max-num-seqs",
+    "32",
+    "--kv-cache-gib",
+    "1",
+    "--max-capture-bytes",
+    str(256 * 2**20),
     "--enable-fault-injection",
 )
 TINY_SERVER_ARGS = (
-    "--dtype", "float32",
-    "--max-num-batched-tokens", "32",
-    "--max-num-seqs", "32",
-    "--max-model-len", "1024",
-    "--kv-cache-gib", "0.5",
+    "--dtype",
+    "float32",
+    "--max-num-batched-tokens",
+    "32",
+    "--max-num-seqs",
+    "32",
+    "--max-model-len",
+    "1024",
+    "--kv-cache-gib",
+    "0.5",
 )
 
 

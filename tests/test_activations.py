@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 import torch
-from reference import hf_activations, scaled_max_diff
 
 from interpgw_client import AsyncClient
+from reference import hf_activations, scaled_max_diff
 
 pytestmark = pytest.mark.engine
 

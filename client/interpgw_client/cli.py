@@ -32,16 +32,26 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     with Client(args.address, timeout=args.timeout) as client:
         for info in client.models():
-            print(json.dumps({k: v for k, v in vars(info).items() if k != "hook_points"}
-                             | {"n_hook_points": len(info.hook_points)}))
+            print(
+                json.dumps(
+                    {k: v for k, v in vars(info).items() if k != "hook_points"}
+                    | {"n_hook_points": len(info.hook_points)}
+                )
+            )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     with Client(args.address, timeout=args.timeout) as client:
         stream = client.generate_stream(
-            prompt, model=args.model, max_tokens=args.max_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or None,
+            prompt,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop or None,
         )
         for event in stream:
             sys.stdout.write(event.text)
@@ -52,14 +62,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> None:
     with Client(args.address, timeout=args.timeout) as client:
-        result = client.trace(args.prompt, args.hook, positions=args.positions, model=args.model,
-                              top_k=args.top_k)
+        result = client.trace(args.prompt, args.hook, positions=args.positions, model=args.model, top_k=args.top_k)
         for trace in result.prompts:
             print(f"prompt {trace.prompt_index}: {len(trace.token_ids)} tokens {trace.tokens}")
             for hook, array in trace.activations.items():
                 norms = np.linalg.norm(array, axis=-1) if array.size else np.array([])
-                print(f"  {hook}: shape {list(array.shape)} positions {trace.positions} "
-                      f"norms {np.round(norms, 2).tolist()}")
+                print(
+                    f"  {hook}: shape {list(array.shape)} positions {trace.positions} "
+                    f"norms {np.round(norms, 2).tolist()}"
+                )
                 if args.save:
                     np.save(f"{args.save}_{trace.prompt_index}_{hook}.npy", array)
             if trace.top_logits:
@@ -71,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="interpgw", description="interpretability gateway for served LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the gateway (needs the server package: pip install interpgw)",
-                           add_help=False)
+    serve = sub.add_parser(
+        "serve", help="start the gateway (needs the server package: pip install interpgw)", add_help=False
+    )
     serve.add_argument("rest", nargs=argparse.REMAINDER)
 
     models = sub.add_parser("models", help="list served models")
@@ -95,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     _client_args(trace)
     trace.add_argument("prompt", nargs="+")
     trace.add_argument("--hook", action="append", default=[], help="hook point (repeatable)")
-    trace.add_argument("--positions", type=_positions, default="all", help="all | last | none | comma-separated indices")
+    trace.add_argument(
+        "--positions", type=_positions, default="all", help="all | last | none | comma-separated indices"
+    )
     trace.add_argument("--top-k", type=int, default=5, help="top-k next-token predictions")
     trace.add_argument("--save", default=None, help="save arrays as PREFIX_<prompt>_<hook>.npy")
     trace.set_defaults(func=cmd_trace)

@@ -111,7 +111,9 @@ class Client:
 
     def model_info(self, model: str = "") -> P.ModelInfo:
         try:
-            return P.ModelInfo.from_proto(self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout))
+            return P.ModelInfo.from_proto(
+                self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout)
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -128,6 +130,7 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        ignore_eos: bool = False,
         capture: Sequence[str] | str | None = None,
         positions: P.PositionsLike = "all",
         capture_generated: bool = False,
@@ -145,6 +148,7 @@ class Client:
             top_k=top_k,
             seed=seed,
             stop=stop,
+            ignore_eos=ignore_eos,
             capture=capture,
             positions=positions,
             capture_generated=capture_generated,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw_client.tensors import decode
 
 # A prompt: text, chat messages ([{"role": ..., "content": ...}]) or token ids.
-PromptLike = Union[str, Sequence[dict], Sequence[int]]
+PromptLike = str | Sequence[dict] | Sequence[int]
 # Positions: "all", "last", "none", or explicit indices (negative from the prompt's end).
-PositionsLike = Union[str, int, Sequence[int]]
+PositionsLike = str | int | Sequence[int]
 
 
 @dataclass
@@ -136,13 +136,16 @@ def build_generate(
     top_k: int,
     seed: int | None,
     stop: Sequence[str] | str | None,
+    ignore_eos: bool,
     capture: Sequence[str] | str | None,
     positions: PositionsLike,
     capture_generated: bool,
     capture_dtype: str,
     add_generation_prompt: bool,
 ) -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(max_tokens=max_tokens, top_k=top_k, stop=[stop] if isinstance(stop, str) else stop)
+    sampling = pb.SamplingParams(
+        max_tokens=max_tokens, top_k=top_k, stop=[stop] if isinstance(stop, str) else stop, ignore_eos=ignore_eos
+    )
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:

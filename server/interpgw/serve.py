@@ -22,8 +22,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--dtype", default=e.dtype, choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--max-model-len", type=int, default=e.max_model_len)
     parser.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="tokens per engine step; small values force chunked prefill")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per engine step; small values force chunked prefill",
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
     parser.add_argument("--max-logprobs", type=int, default=e.max_logprobs)
@@ -70,8 +74,9 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     from interpgw.service import GatewayService, ServedModel
     from interpgw.transport.server import GatewayServer
 
-    engine = await VllmEngine.start(config.engine, allow_faults=config.enable_fault_injection,
-                                    probe=config.startup_probe)
+    engine = await VllmEngine.start(
+        config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe
+    )
     facts = engine.facts
     tokenizer = AutoTokenizer.from_pretrained(facts.source)
     served = ServedModel(
@@ -82,8 +87,16 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     service = GatewayService([served], config.limits, allow_faults=config.enable_fault_injection)
     server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes)
     await server.start()
-    log.info("interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d", facts.id, facts.architecture,
-             facts.n_layers, facts.d_model, facts.dtype, config.host, server.port)
+    log.info(
+        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d",
+        facts.id,
+        facts.architecture,
+        facts.n_layers,
+        facts.d_model,
+        facts.dtype,
+        config.host,
+        server.port,
+    )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
 
     stop = asyncio.Event()

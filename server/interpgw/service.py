@@ -21,8 +21,8 @@ from interpgw.core.errors import Internal, InvalidArgument, NotFound, ResourceEx
 from interpgw.core.hookpoints import all_hook_names, parse_hooks
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
-    CaptureOptions,
     Captured,
+    CaptureOptions,
     GenerateDone,
     GenerateInput,
     SamplingInput,
@@ -79,8 +79,8 @@ class GatewayService:
 
     async def generate(self, request: GenerateInput, fault: str = "") -> AsyncIterator[GenerateEvent]:
         served = self.model(request.model)
-        sampling = self._sampling(request.sampling, served)
-        prompt_ids = served.encoder.encode(request.prompt, reserve=sampling.max_tokens)
+        prompt_ids = served.encoder.encode(request.prompt, reserve=1)
+        sampling = self._sampling(request.sampling, room=served.facts.max_model_len - len(prompt_ids))
         request_id = f"gen-{uuid.uuid4().hex}"
         order = None
         if request.capture is not None:
@@ -186,11 +186,20 @@ class GatewayService:
 
     # ------------------------------------------------------------------ validation
 
-    def _sampling(self, sampling: SamplingInput, served: ServedModel) -> SamplingOptions:
+    def _sampling(self, sampling: SamplingInput, room: int) -> SamplingOptions:
+        """Validated sampling options; `room` is how many tokens the context has left after the prompt."""
         limits = self.limits
-        max_tokens = limits.default_max_tokens if sampling.max_tokens in (None, 0) else sampling.max_tokens
-        if not 1 <= max_tokens <= limits.max_new_tokens:
-            raise InvalidArgument(f"max_tokens must be in [1, {limits.max_new_tokens}], got {max_tokens}")
+        if sampling.max_tokens in (None, 0):
+            max_tokens = min(limits.default_max_tokens, room)
+        else:
+            max_tokens = sampling.max_tokens
+            if not 1 <= max_tokens <= limits.max_new_tokens:
+                raise InvalidArgument(f"max_tokens must be in [1, {limits.max_new_tokens}], got {max_tokens}")
+            if max_tokens > room:
+                raise InvalidArgument(
+                    f"max_tokens={max_tokens} does not fit: the prompt leaves room for {room} new tokens "
+                    f"in the model's context"
+                )
         temperature = 1.0 if sampling.temperature is None else sampling.temperature
         if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
             raise InvalidArgument(f"temperature must be a finite number in [0, 100], got {temperature}")
@@ -210,6 +219,7 @@ class GatewayService:
             top_k=sampling.top_k,
             seed=sampling.seed,
             stop=tuple(sampling.stop),
+            ignore_eos=sampling.ignore_eos,
         )
 
     def _hooks(self, capture: CaptureOptions, served: ServedModel) -> tuple[str, ...]:

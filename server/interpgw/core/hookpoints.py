@@ -51,10 +51,7 @@ def all_hook_names(n_layers: int) -> list[str]:
 
 def _describe_valid(n_layers: int) -> str:
     kinds = "|".join(LAYER_KINDS)
-    return (
-        f"valid hook points: {EMBED}, blocks.{{L}}.{{{kinds}}} with L in [{-n_layers}, {n_layers - 1}], "
-        f"{LN_FINAL}"
-    )
+    return f"valid hook points: {EMBED}, blocks.{{L}}.{{{kinds}}} with L in [{-n_layers}, {n_layers - 1}], {LN_FINAL}"
 
 
 def parse_hook(name: str, n_layers: int) -> HookPoint:
@@ -68,9 +65,7 @@ def parse_hook(name: str, n_layers: int) -> HookPoint:
         raise InvalidArgument(f"unknown hook point {name!r}; {_describe_valid(n_layers)}")
     layer, kind = int(match.group(1)), match.group(2)
     if kind not in LAYER_KINDS:
-        raise InvalidArgument(
-            f"unknown hook kind {kind!r} in {name!r}; valid kinds: {', '.join(LAYER_KINDS)}"
-        )
+        raise InvalidArgument(f"unknown hook kind {kind!r} in {name!r}; valid kinds: {', '.join(LAYER_KINDS)}")
     if not -n_layers <= layer < n_layers:
         raise InvalidArgument(
             f"layer {layer} out of range in {name!r}: the model has {n_layers} layers, "

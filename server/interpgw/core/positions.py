@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from interpgw.core.errors import InvalidArgument
 
 
-class PositionMode(str, Enum):
+class PositionMode(StrEnum):
     ALL = "all"
     LAST = "last"
     INDICES = "indices"

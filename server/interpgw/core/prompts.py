@@ -37,9 +37,7 @@ class PromptEncoder:
                 raise InvalidArgument("prompt token ids are empty")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidArgument(
-                    f"token id {bad[0]} out of range: valid ids are [0, {self.vocab_size - 1}]"
-                )
+                raise InvalidArgument(f"token id {bad[0]} out of range: valid ids are [0, {self.vocab_size - 1}]")
         if not ids:
             raise InvalidArgument("prompt is empty after tokenization")
         if len(ids) + reserve > self.max_model_len:

@@ -30,6 +30,7 @@ class SamplingOptions:
     top_k: int = 0  # 0: disabled
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
     top_logprobs: int = 0  # >0: top-k of the full next-token distribution at each step
 
 

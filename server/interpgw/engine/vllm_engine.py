@@ -138,6 +138,7 @@ class VllmEngine:
             top_k=sampling.top_k,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
             logprobs=sampling.top_logprobs or None,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: capture.to_extra_args()} if capture else None,

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from interpgw.core.errors import InvalidArgument
 from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.requests import (
-    CaptureOptions,
     Captured,
+    CaptureOptions,
     ChatTurn,
     GenerateInput,
     PromptInput,
@@ -76,6 +76,7 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
     )
     return GenerateInput(
         prompt=prompt_input(request.prompt),

@@ -62,7 +62,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 yield pb.GenerateResponse(done=done)
 
     @streaming
-    async def Trace(self, request: pb.TraceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TraceResponse]:
+    async def Trace(
+        self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TraceResponse]:
         async for traced in self.service.trace(convert.trace_input(request), fault=_fault(context)):
             result = pb.TracePromptResult(
                 prompt_index=traced.prompt_index,

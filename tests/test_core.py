@@ -1,0 +1,124 @@
+"""Fast unit tests of the core and SDK pieces that need no engine and no server."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from interpgw.core.capture import CaptureOrder, estimate_capture_bytes
+from interpgw.core.errors import InvalidArgument
+from interpgw.core.hookpoints import all_hook_names, parse_hook, parse_hooks
+from interpgw.core.positions import PositionMode, PositionSelector
+from interpgw.core.wire import tensor_chunks
+from interpgw.v1 import gateway_pb2 as pb
+from interpgw_client import errors as client_errors
+from interpgw_client.protocol import TensorAssembler, build_positions, build_prompt, build_trace
+from interpgw_client.tensors import to_numpy
+
+
+def test_hook_names_follow_transformer_lens_and_accept_negative_layers() -> None:
+    names = all_hook_names(2)
+    assert names[0] == "hook_embed" and names[-1] == "ln_final.hook_normalized"
+    assert len(names) == 2 + 2 * 5
+    assert parse_hook("blocks.-1.hook_resid_post", 2).name == "blocks.1.hook_resid_post"
+    assert [
+        h.name
+        for h in parse_hooks(
+            ["ln_final.hook_normalized", "blocks.1.hook_mlp_out", "blocks.-1.hook_mlp_out", "hook_embed"], 2
+        )
+    ] == ["hook_embed", "blocks.1.hook_mlp_out", "ln_final.hook_normalized"]
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("blocks.2.hook_resid_post", "L must be in [-2, 1]"),
+        ("blocks.-3.hook_resid_post", "L must be in [-2, 1]"),
+        ("blocks.0.hook_attn_pattern", "valid kinds: hook_resid_pre, hook_attn_out"),
+        ("resid_post", "valid hook points: hook_embed"),
+    ],
+)
+def test_bad_hook_names_name_the_valid_choices(name: str, fragment: str) -> None:
+    with pytest.raises(InvalidArgument, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        parse_hook(name, 2)
+
+
+def test_position_selectors_resolve_and_validate() -> None:
+    assert PositionSelector().resolve(3) == [0, 1, 2]
+    assert PositionSelector(PositionMode.LAST).resolve(3) == [2]
+    assert PositionSelector(PositionMode.NONE).resolve(3) == []
+    assert PositionSelector(PositionMode.INDICES, (-1, 0, 2, -3)).resolve(3) == [0, 2]
+    with pytest.raises(InvalidArgument, match=r"valid indices are \[-3, 2\]"):
+        PositionSelector(PositionMode.INDICES, (3,)).resolve(3)
+    with pytest.raises(InvalidArgument, match="at least one index"):
+        PositionSelector(PositionMode.INDICES, ()).resolve(3)
+
+
+def test_capture_order_round_trips_and_estimates_bytes() -> None:
+    order = CaptureOrder("k", ("hook_embed", "blocks.0.hook_resid_post"), 10, (1, 4), True, "float32")
+    assert CaptureOrder.from_extra_args(order.to_extra_args()) == order
+    # 2 prompt rows + at most 4 generated rows (max_tokens 5), 2 hooks, d_model 8, 4 bytes
+    assert estimate_capture_bytes(order, 8, "bfloat16", 5) == 6 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_chunks_reassemble_exactly(dtype: torch.dtype) -> None:
+    tensor = torch.randn(37, 19).to(dtype)
+    chunks = list(tensor_chunks(tensor, chunk_bytes=100))
+    assert all(len(c.data) <= 100 for c in chunks) and len(chunks) == -(-tensor.numel() * tensor.element_size() // 100)
+    assembler = TensorAssembler(as_torch=True)
+    for chunk in chunks:
+        assembler.add(
+            pb.TensorChunk(
+                prompt_index=0,
+                hook="h",
+                dtype=chunk.dtype,
+                shape=chunk.shape,
+                offset=chunk.offset,
+                total_bytes=chunk.total_bytes,
+                data=chunk.data,
+            )
+        )
+    assert torch.equal(assembler.tensors(0)["h"], tensor)
+
+
+def test_empty_tensor_is_one_empty_chunk() -> None:
+    chunks = list(tensor_chunks(torch.empty(0, 4)))
+    assert len(chunks) == 1 and chunks[0].data == b"" and chunks[0].shape == (0, 4)
+
+
+def test_bfloat16_decodes_to_exact_float32_in_numpy() -> None:
+    values = torch.tensor([[1.5, -2.25], [3e38, 1e-30]]).to(torch.bfloat16)
+    raw = values.view(torch.uint16).numpy().tobytes()
+    decoded = to_numpy("bfloat16", (2, 2), raw)
+    assert decoded.dtype == np.float32
+    assert np.array_equal(decoded, values.float().numpy())
+
+
+def test_sdk_builds_prompts_and_positions() -> None:
+    assert build_prompt("hi").text == "hi"
+    assert list(build_prompt([1, 2]).tokens.ids) == [1, 2]
+    chat = build_prompt([{"role": "user", "content": "hi"}]).chat
+    assert chat.messages[0].role == "user" and chat.add_generation_prompt
+    assert build_positions("last").mode == pb.PositionSelector.LAST
+    assert list(build_positions([-1, 2]).indices) == [-1, 2]
+    with pytest.raises(ValueError, match="positions must be one of"):
+        build_positions("first")
+    request = build_trace(
+        "one prompt", model="", hooks="hook_embed", positions=-1, dtype="", top_k=0, add_generation_prompt=True
+    )
+    assert len(request.prompts) == 1 and list(request.capture.hooks) == ["hook_embed"]
+
+
+def test_rpc_errors_map_to_typed_exceptions() -> None:
+    class FakeRpcError(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return "too big"
+
+    error = client_errors.from_rpc_error(FakeRpcError())
+    assert isinstance(error, client_errors.ResourceExhaustedError) and error.details == "too big"
