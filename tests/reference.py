@@ -10,8 +10,10 @@ import torch
 
 @torch.no_grad()
 def hf_activations(model, token_ids: list[int]) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Every hook point for one prompt: name -> [n_tokens, d_model] (float32)."""
-    inner = model.model
+    """Every hook point for one prompt: name -> [n_tokens, d_model] (float32), plus "logits"."""
+    gpt2 = hasattr(model, "transformer")
+    inner = model.transformer if gpt2 else model.model
+    layers = inner.h if gpt2 else inner.layers
     store: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -22,18 +24,20 @@ def hf_activations(model, token_ids: list[int]) -> dict[str, torch.Tensor]:  # n
 
         return hook
 
-    handles.append(inner.embed_tokens.register_forward_hook(keep("hook_embed")))
-    for i, layer in enumerate(inner.layers):
-        handles.append(layer.self_attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out")))
+    handles.append((inner.wte if gpt2 else inner.embed_tokens).register_forward_hook(keep("hook_embed")))
+    for i, layer in enumerate(layers):
+        attn = layer.attn if gpt2 else layer.self_attn
+        handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out")))
         handles.append(layer.mlp.register_forward_hook(keep(f"blocks.{i}.hook_mlp_out")))
-    handles.append(inner.norm.register_forward_hook(keep("ln_final.hook_normalized")))
+    final_norm = inner.ln_f if gpt2 else inner.norm
+    handles.append(final_norm.register_forward_hook(keep("ln_final.hook_normalized")))
     try:
         out = model(torch.tensor([token_ids]), output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
     hidden = out.hidden_states  # n_layers + 1 entries; the last one is after the final norm
-    n_layers = len(inner.layers)
+    n_layers = len(layers)
     for i in range(n_layers):
         pre = hidden[i][0].float()
         mid = pre + store[f"blocks.{i}.hook_attn_out"]
