@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from gateway_process import GatewayProcess
-from reference import hf_activations
 
+from gateway_process import GatewayProcess
 from interpgw_client import Client
+from reference import hf_activations
 
 pytestmark = pytest.mark.engine
 
@@ -22,17 +22,27 @@ pytestmark = pytest.mark.engine
 def tiny_qwen2():  # noqa: ANN201
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = Qwen2Config(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Qwen2ForCausalLM(config)
 
 
 def tiny_gpt2():  # noqa: ANN201
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=49152, n_embd=128, n_layer=3, n_head=2, n_positions=1024,
-                        bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=49152, n_embd=128, n_layer=3, n_head=2, n_positions=1024, bos_token_id=1, eos_token_id=2
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -48,8 +58,20 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_model_dir / name, folder / name)
-    gateway = GatewayProcess("--model", str(folder), "--dtype", "float32", "--max-num-batched-tokens", "32",
-                             "--max-num-seqs", "32", "--max-model-len", "1024", "--kv-cache-gib", "0.5")
+    gateway = GatewayProcess(
+        "--model",
+        str(folder),
+        "--dtype",
+        "float32",
+        "--max-num-batched-tokens",
+        "32",
+        "--max-num-seqs",
+        "32",
+        "--max-model-len",
+        "1024",
+        "--kv-cache-gib",
+        "0.5",
+    )
     yield request.param, model.eval(), gateway
     gateway.stop()
 
