@@ -231,8 +231,27 @@ def section_gateway(
     sys.path.insert(0, str(REPO / "tests"))
     from gateway_process import GatewayProcess
 
+    class StoppingGateway(GatewayProcess):
+        """Stopped also when waiting for it is interrupted, and with its whole process group: a gateway killed
+        during start-up (before its signal handlers exist) leaves its vLLM EngineCore behind otherwise."""
+
+        def _wait_ready(self, timeout: float) -> None:
+            try:
+                super()._wait_ready(timeout)
+            except BaseException:
+                self.stop()
+                raise
+
+        def stop(self, timeout: float = 60.0) -> int | None:
+            try:
+                return super().stop(timeout)
+            finally:
+                _signal_group(self.process.pid, signal.SIGKILL)  # its own session: pgid == pid
+
     model_dir()  # convert the default model before the gateway's start-up timeout starts counting
-    gateway = GatewayProcess("--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600.0)
+    gateway = StoppingGateway(
+        "--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600.0
+    )
     try:
         return asyncio.run(_gateway_configs(gateway.address, prompts, new_tokens, repeats, run_gateway, run_serving))
     except BaseException:
@@ -435,11 +454,6 @@ def section_nnsight(prompts: list[str], new_tokens: int, repeats: int) -> list[C
 
 def run_worker(section: str, args: argparse.Namespace) -> None:
     """Run one section in this (fresh) process and write its results as JSON."""
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through `finally`, which stops a gateway we started
-
-    signal.signal(signal.SIGTERM, on_term)
     prompts, _ = load_prompts(args.prompts, args.prompts_file)
     skip = set(args.skip)
     if section == "vllm":
@@ -463,7 +477,8 @@ def run_section(section: str, args: argparse.Namespace, argv: list[str]) -> dict
     process = subprocess.Popen(command, start_new_session=True)
     try:
         code = process.wait(timeout=args.section_timeout)
-    except BaseException:  # timeout or Ctrl-C: ask nicely (the worker stops its gateway), then kill
+    except BaseException as exc:  # timeout, Ctrl-C or SIGTERM: ask nicely (the worker stops its gateway), then kill
+        _log(f"stopping the {section} worker ({type(exc).__name__})")
         _signal_group(process.pid, signal.SIGTERM)
         try:
             process.wait(90)
@@ -511,16 +526,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Print the table and the goal ratios; return the ratios for the JSON."""
     expected = args.prompts * args.new_tokens
     print(f"\n{args.prompts} prompts x {args.new_tokens} new tokens, greedy, bf16; median of {args.repeats} runs")
-    header = f"{'configuration':<46} {'tok/s':>9} {'min':>8} {'max':>8} {'s/run':>7} {'gen tok':>8} {'MB/run':>8}"
+    header = f"{'configuration':<50} {'tok/s':>9} {'min':>8} {'max':>8} {'s/run':>7} {'gen tok':>8} {'MB/run':>8}"
     print(header)
     print("-" * len(header))
     for r in results.values():
         if r.get("error"):
-            print(f"{r['label']:<46} {'FAILED':>9}  {r['error'][:150]}")
+            print(f"{r['label']:<50} {'FAILED':>9}  {r['error'][:150]}")
             continue
         run = r["runs"][0]
         line = (
-            f"{r['label']:<46} {r['tokens_per_s']:>9.1f} {r['tokens_per_s_min']:>8.1f} {r['tokens_per_s_max']:>8.1f} "
+            f"{r['label']:<50} {r['tokens_per_s']:>9.1f} {r['tokens_per_s_min']:>8.1f} {r['tokens_per_s_max']:>8.1f} "
             f"{r['median_seconds']:>7.2f} {run['generated_tokens']:>8d} {run['captured_bytes'] / 2**20:>8.1f}"
         )
         if run["generated_tokens"] != expected:
@@ -540,7 +555,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         shown = "n/a" if value is None else f"{value:.3f}"
         verdict = "" if goal is None or value is None else ("  ok" if value >= goal else "  MISSED")
         goal_text = f"goal >= {goal:g}" if goal is not None else "(info)"
-        print(f"{what:<46} {num} / {den} = {shown:>7}  {goal_text}{verdict}")
+        print(f"{what:<42} {shown:>8}  {goal_text:<12}{verdict:<8} ({num} / {den})")
     return ratios
 
 
@@ -567,9 +582,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, through the `finally`s that stop workers, engines and the gateway."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.worker:
         run_worker(args.worker, args)
         return

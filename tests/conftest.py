@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from gateway_process import GatewayProcess
+from tiny_models import save_tiny_model
 
 # The default model's server: fp32 for exactness, a small step budget so long prompts are chunked.
 DEFAULT_SERVER_ARGS = (
@@ -66,16 +66,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the init, so activations are not all near zero
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(4.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (default_model_dir / name).exists():
-            shutil.copy(default_model_dir / name, folder / name)
-    return folder
+    return save_tiny_model(LlamaForCausalLM(config), folder, default_model_dir)
 
 
 @pytest.fixture(scope="session")

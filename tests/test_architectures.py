@@ -6,7 +6,6 @@ residual stream and add learned position embeddings before the first block.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from gateway_process import GatewayProcess
 from interpgw_client import Client
 from reference import hf_activations
+from tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.engine
 
@@ -50,14 +50,7 @@ def tiny_gpt2():  # noqa: ANN201
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
     torch.manual_seed(1)
     model = {"qwen2": tiny_qwen2, "gpt2": tiny_gpt2}[request.param]()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(4.0)
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, folder / name)
+    folder = save_tiny_model(model, tmp_path_factory.mktemp(f"tiny-{request.param}"), default_model_dir)
     gateway = GatewayProcess(
         "--model",
         str(folder),

@@ -74,9 +74,24 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     from interpgw.service import GatewayService, ServedModel
     from interpgw.transport.server import GatewayServer
 
-    engine = await VllmEngine.start(
-        config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe
+    # Signals are handled from the start: a stop during start-up must not orphan vLLM's engine processes.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(
+        VllmEngine.start(config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe)
     )
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("interpgw: stopped during start-up; ending the engine processes")
+        _kill_descendants()
+        await asyncio.wait({starting}, timeout=15)
+        _kill_descendants()  # the start-up thread may have launched more meanwhile
+        return
+    stopping.cancel()
+    engine = starting.result()
     facts = engine.facts
     tokenizer = AutoTokenizer.from_pretrained(facts.source)
     served = ServedModel(
@@ -99,16 +114,22 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
         await server.stop(shutdown_grace)
     finally:
         await engine.shutdown()
+
+
+def _kill_descendants() -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
