@@ -22,7 +22,6 @@ from interpgw_client import (
     AsyncClient,
     InternalError,
     InvalidArgumentError,
-    NotFoundError,
     ResourceExhaustedError,
 )
 from reference import hf_activations, scaled_max_diff
@@ -42,8 +41,10 @@ def test_models_and_model_info(client) -> None:  # noqa: ANN001
     assert (info.vocab_size, info.dtype, info.max_model_len) == (49152, "float32", 2048)
     assert len(info.hook_points) == 2 + 30 * 5 and "blocks.29.hook_resid_post" in info.hook_points
     assert client.model_info("SmolLM2-135M-Instruct") == info
-    with pytest.raises(NotFoundError, match="served models: SmolLM2-135M-Instruct"):
+    with pytest.raises(InvalidArgumentError, match="unknown model 'gpt-9'; served models: SmolLM2-135M-Instruct"):
         client.model_info("gpt-9")
+    with pytest.raises(InvalidArgumentError, match="unknown model 'gpt-9'"):
+        client.trace("x", model="gpt-9")
 
 
 def test_generate_streams_tokens(client) -> None:  # noqa: ANN001

@@ -10,7 +10,7 @@ import torch
 
 from interpgw.config import LimitsConfig
 from interpgw.core.capture import CaptureOrder
-from interpgw.core.errors import GatewayError, Internal, InvalidArgument, NotFound, ResourceExhausted
+from interpgw.core.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted
 from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
@@ -154,7 +154,7 @@ def test_chat_prompts_use_the_template() -> None:
             InvalidArgument,
             "leaves room for 12 new tokens",
         ),
-        (GenerateInput(PromptInput(text="x"), model="nope"), NotFound, "served models: fake"),
+        (GenerateInput(PromptInput(text="x"), model="nope"), InvalidArgument, "served models: fake"),
         (
             GenerateInput(PromptInput(text="x"), sampling=SamplingInput(temperature=float("nan"))),
             InvalidArgument,

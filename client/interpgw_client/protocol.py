@@ -201,7 +201,7 @@ class TensorAssembler:
 
     def tensors(self, prompt_index: int) -> dict[str, Any]:
         return {
-            hook: decode(dtype, shape, bytes(buffer), self.as_torch)
+            hook: decode(dtype, shape, buffer, self.as_torch)
             for (index, hook), (dtype, shape, buffer) in self._parts.items()
             if index == prompt_index
         }

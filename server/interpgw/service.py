@@ -17,7 +17,7 @@ import torch
 
 from interpgw.config import LimitsConfig
 from interpgw.core.capture import CAPTURE_DTYPES, CaptureOrder, estimate_capture_bytes
-from interpgw.core.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from interpgw.core.errors import Internal, InvalidArgument, ResourceExhausted
 from interpgw.core.hookpoints import all_hook_names, parse_hooks
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
@@ -65,15 +65,12 @@ class GatewayService:
 
     def model(self, model_id: str = "") -> ServedModel:
         served = self._models.get(model_id or self._default)
-        if served is None:
-            raise NotFound(f"unknown model {model_id!r}; served models: {', '.join(self._models)}")
+        if served is None:  # a bad field value, not a missing resource: INVALID_ARGUMENT, as for hooks
+            raise InvalidArgument(f"unknown model {model_id!r}; served models: {', '.join(self._models)}")
         return served
 
     def hook_points(self, model_id: str = "") -> list[str]:
         return all_hook_names(self.model(model_id).facts.n_layers)
-
-    def engines(self) -> list[Engine]:
-        return [m.engine for m in self._models.values()]
 
     # ------------------------------------------------------------------ generate
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -50,10 +51,13 @@ def _set_process_env(allow_faults: bool) -> None:
 
 
 def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
+    """A read-only view of the received bytes (no copy: the tensor is only read, to be chunked onto the wire)."""
     torch_dtype = _TORCH_DTYPES[dtype]
     if not raw:
         return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": nobody writes to it
+        return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
 
 
 class VllmEngine:
@@ -62,6 +66,9 @@ class VllmEngine:
     def __init__(self, llm, facts: ModelFacts) -> None:  # noqa: ANN001 - vllm type kept out of signatures
         self._llm = llm
         self.facts = facts
+        # keys waiting to be collected, batched into one collective_rpc per event-loop turn
+        self._pending: dict[str, asyncio.Future[CaptureResult]] = {}
+        self._flush_scheduled = False
 
     @classmethod
     async def start(cls, config: EngineConfig, allow_faults: bool = False, probe: bool = True) -> VllmEngine:
@@ -166,14 +173,35 @@ class VllmEngine:
             yield step
 
     async def collect(self, keys: list[str]) -> dict[str, CaptureResult]:
-        raw = (await self._llm.collective_rpc("interpgw_pop", args=(keys,)))[0]
-        results = {}
-        for key, item in raw.items():
+        """Finished requests' captures. Requests finishing together (a batch usually does) share one RPC:
+        each RPC is executed between engine steps and stalls the whole batch while it runs."""
+        loop = asyncio.get_running_loop()
+        futures = {}
+        for key in keys:
+            futures[key] = self._pending.get(key) or loop.create_future()
+            self._pending[key] = futures[key]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+        return {key: await future for key, future in futures.items()}
+
+    async def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, {}
+        try:
+            raw = (await self._llm.collective_rpc("interpgw_pop", args=(list(batch),)))[0]
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(Internal(f"collecting captures failed: {exc}"))
+            return
+        for key, future in batch.items():
+            item = raw.get(key, {})
             tensors = {hook: tensor_from_wire(*wire) for hook, wire in (item.get("tensors") or {}).items()}
-            results[key] = CaptureResult(
-                positions=list(item.get("positions") or []), tensors=tensors, error=item.get("error")
-            )
-        return results
+            positions = list(item.get("positions") or [])
+            result = CaptureResult(positions=positions, tensors=tensors, error=item.get("error"))
+            if not future.done():
+                future.set_result(result)
 
     async def discard(self, keys: list[str]) -> None:
         await self._llm.collective_rpc("interpgw_discard", args=(keys,))
