@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gateway_process import GatewayProcess
-from tiny_models import save_tiny_model
+from tiny_models import TINY_SERVER_ARGS, save_tiny_model
 
 # The default model's server: fp32 for exactness, a small step budget so long prompts are chunked.
 DEFAULT_SERVER_ARGS = (
@@ -23,18 +23,6 @@ DEFAULT_SERVER_ARGS = (
     "--max-capture-bytes",
     str(256 * 2**20),
     "--enable-fault-injection",
-)
-TINY_SERVER_ARGS = (
-    "--dtype",
-    "float32",
-    "--max-num-batched-tokens",
-    "32",
-    "--max-num-seqs",
-    "32",
-    "--max-model-len",
-    "1024",
-    "--kv-cache-gib",
-    "0.5",
 )
 
 

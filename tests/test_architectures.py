@@ -14,7 +14,7 @@ import torch
 from gateway_process import GatewayProcess
 from interpgw_client import Client
 from reference import hf_activations
-from tiny_models import save_tiny_model
+from tiny_models import TINY_SERVER_ARGS, save_tiny_model
 
 pytestmark = pytest.mark.engine
 
@@ -51,20 +51,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     torch.manual_seed(1)
     model = {"qwen2": tiny_qwen2, "gpt2": tiny_gpt2}[request.param]()
     folder = save_tiny_model(model, tmp_path_factory.mktemp(f"tiny-{request.param}"), default_model_dir)
-    gateway = GatewayProcess(
-        "--model",
-        str(folder),
-        "--dtype",
-        "float32",
-        "--max-num-batched-tokens",
-        "32",
-        "--max-num-seqs",
-        "32",
-        "--max-model-len",
-        "1024",
-        "--kv-cache-gib",
-        "0.5",
-    )
+    gateway = GatewayProcess("--model", str(folder), *TINY_SERVER_ARGS)
     yield request.param, model.eval(), gateway
     gateway.stop()
 

@@ -184,11 +184,5 @@ class VllmEngine:
     async def discard(self, keys: list[str]) -> None:
         await self._llm.collective_rpc("interpgw_discard", args=(keys,))
 
-    async def hook_fire_counts(self) -> dict[str, int]:
-        return (await self._llm.collective_rpc("interpgw_fire_counts"))[0]
-
-    def is_healthy(self) -> bool:
-        return not getattr(self._llm, "errored", False)
-
     async def shutdown(self) -> None:
         self._llm.shutdown()

@@ -63,6 +63,3 @@ class InterpWorkerExtension:
 
     def interpgw_discard(self, keys: list[str]) -> None:
         self._interpgw_recorder.discard(keys)
-
-    def interpgw_fire_counts(self) -> dict[str, int]:
-        return dict(self._interpgw_recorder.fire_counts)
