@@ -31,6 +31,7 @@ from interpgw.core.requests import (
     TracedPrompt,
     TraceInput,
 )
+from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, Engine, ModelFacts, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _captured(result: CaptureResult, order: CaptureOrder, facts: ModelFacts) -> 
     if result.error:
         raise Internal(f"activation capture failed for this request (others are unaffected): {result.error}")
     tensors = {}
-    dtype = getattr(torch, order.dtype or facts.dtype)
+    dtype = torch_dtype(order.dtype or facts.dtype)
     for hook in order.hooks:
         tensor = result.tensors.get(hook)
         if tensor is None or tensor.numel() == 0:

@@ -29,6 +29,14 @@ def dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a wire dtype name ("float32", "bfloat16", ...)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r}")
+    return dtype
+
+
 def tensor_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
     """Split a tensor's bytes into chunks; an empty tensor still yields one (empty) chunk."""
     data = tensor.detach().cpu().contiguous()

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from interpgw.core.capture import CaptureOrder
+from interpgw.core.wire import torch_dtype
 from interpgw.engine.architectures import ModelModules, locate_modules
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StepLayout(NamedTuple):
@@ -80,7 +79,7 @@ class _RequestCapture:
             reversed_unique, first_in_reversed = np.unique(positions[::-1], return_index=True)
             order = (len(positions) - 1 - first_in_reversed).astype(np.int64)
             positions = reversed_unique
-        dtype = _DTYPES.get(self.order.dtype)
+        dtype = torch_dtype(self.order.dtype) if self.order.dtype else None
         tensors = {}
         for hook in self.order.hooks:
             data = torch.cat(self.chunks[hook]) if self.chunks[hook] else torch.empty(0)

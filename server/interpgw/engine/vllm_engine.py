@@ -21,6 +21,7 @@ from interpgw.config import EngineConfig
 from interpgw.core.capture import EXTRA_ARGS_KEY, CaptureOrder
 from interpgw.core.errors import Internal
 from interpgw.core.hookpoints import all_hook_names
+from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
 from interpgw.engine.worker_ext import FAULT_INJECTION_ENV
 from interpgw.models.resolve import resolve_model
@@ -28,13 +29,6 @@ from interpgw.models.resolve import resolve_model
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "interpgw.engine.worker_ext.InterpWorkerExtension"
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
 
 
 def _set_process_env(allow_faults: bool) -> None:
@@ -52,12 +46,11 @@ def _set_process_env(allow_faults: bool) -> None:
 
 def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
     """A read-only view of the received bytes (no copy: the tensor is only read, to be chunked onto the wire)."""
-    torch_dtype = _TORCH_DTYPES[dtype]
     if not raw:
-        return torch.empty(shape, dtype=torch_dtype)
+        return torch.empty(shape, dtype=torch_dtype(dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": nobody writes to it
-        return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
+        return torch.frombuffer(raw, dtype=torch_dtype(dtype)).reshape(shape)
 
 
 class VllmEngine:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from interpgw.core.capture import EXTRA_ARGS_KEY
+from interpgw.core.wire import dtype_name
 from interpgw.engine.recorder import ActivationRecorder, StepLayout
 
 FAULT_INJECTION_ENV = "INTERPGW_ENABLE_FAULT_INJECTION"
@@ -20,7 +21,7 @@ def tensor_to_wire(tensor: Any) -> tuple[str, list[int], bytes]:
 
     data = tensor.detach().cpu().contiguous()
     raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    return str(data.dtype).removeprefix("torch."), list(data.shape), raw
+    return dtype_name(data), list(data.shape), raw
 
 
 class InterpWorkerExtension:
