@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,24 @@ DEFAULT_SERVER_ARGS = (
     str(256 * 2**20),
     "--enable-fault-injection",
 )
+
+
+REDIS_URL = os.environ.get("INTERPGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_args() -> tuple[str, ...]:
+    """Gateways of one test session share the real Redis under a key prefix of their own, removed at the end."""
+    import redis
+
+    prefix = f"interpgw-test-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()  # the suite needs the real Redis (see README); fail loudly rather than skip
+    yield ("--redis-url", REDIS_URL, "--redis-prefix", prefix)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -58,15 +78,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
 
 
 @pytest.fixture(scope="session")
-def default_gateway(default_model_dir: Path):
-    gateway = GatewayProcess(*DEFAULT_SERVER_ARGS)
+def default_gateway(default_model_dir: Path, redis_args: tuple[str, ...]):
+    gateway = GatewayProcess(*DEFAULT_SERVER_ARGS, *redis_args)
     yield gateway
     gateway.stop()
 
 
 @pytest.fixture(scope="session")
-def tiny_gateway(tiny_llama_dir: Path):
-    gateway = GatewayProcess("--model", str(tiny_llama_dir), *TINY_SERVER_ARGS)
+def tiny_gateway(tiny_llama_dir: Path, redis_args: tuple[str, ...]):
+    gateway = GatewayProcess("--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, *redis_args)
     yield gateway
     gateway.stop()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from interpgw.core.capture import CaptureOrder, estimate_capture_bytes
+from interpgw.core.capture import HookOrder, estimate_capture_bytes
 from interpgw.core.errors import InvalidArgument
 from interpgw.core.hookpoints import all_hook_names, parse_hook, parse_hooks
 from interpgw.core.positions import PositionMode, PositionSelector
@@ -57,8 +57,8 @@ def test_position_selectors_resolve_and_validate() -> None:
 
 
 def test_capture_order_round_trips_and_estimates_bytes() -> None:
-    order = CaptureOrder("k", ("hook_embed", "blocks.0.hook_resid_post"), 10, (1, 4), True, "float32")
-    assert CaptureOrder.from_extra_args(order.to_extra_args()) == order
+    order = HookOrder("k", ("hook_embed", "blocks.0.hook_resid_post"), 10, (1, 4), True, "float32")
+    assert HookOrder.from_extra_args(order.to_extra_args()) == order
     # 2 prompt rows + at most 4 generated rows (max_tokens 5), 2 hooks, d_model 8, 4 bytes
     assert estimate_capture_bytes(order, 8, "bfloat16", 5) == 6 * 2 * 8 * 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from interpgw.config import LimitsConfig
-from interpgw.core.capture import CaptureOrder
+from interpgw.core.capture import HookOrder
 from interpgw.core.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted
 from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.prompts import PromptEncoder
@@ -50,11 +50,11 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.facts = FACTS
-        self.orders: dict[str, tuple[CaptureOrder, int]] = {}
+        self.orders: dict[str, tuple[HookOrder, int]] = {}
         self.discarded: list[str] = []
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions, capture: CaptureOrder | None
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions, capture: HookOrder | None
     ) -> AsyncIterator[EngineStep]:
         token = prompt_token_ids[-1]
         for i in range(sampling.max_tokens):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,27 +15,32 @@ from interpgw_client.client import DEFAULT_ADDRESS
 from interpgw_client.errors import from_rpc_error
 
 
-class AsyncGenerateStream:
-    """`async for event in stream` yields TokenEvents; `.result` holds the GenerateResult at the end."""
+async def _unary(rpc: Callable[..., Any], request: Any, timeout: float | None, metadata: Any = None) -> Any:
+    """One unary call with the SDK's typed errors."""
+    try:
+        return await rpc(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, as_torch: bool) -> None:
+
+class AsyncGenerateStream:
+    """`async for event in stream` yields TokenEvents (`.variant` 1: the unsteered baseline); `.result` holds the
+    GenerateResult at the end, with the baseline as `.result.baseline`."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, assembler: P.GenerateAssembler) -> None:
         self._call = call
-        self._assembler = P.TensorAssembler(as_torch)
+        self._assembler = assembler
         self.result: P.GenerateResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[P.TokenEvent]:
         try:
             async for message in self._call:
-                kind = message.WhichOneof("event")
-                if kind == "token":
-                    t = message.token
-                    yield P.TokenEvent(index=t.index, token_ids=list(t.token_ids), text=t.text)
-                elif kind == "tensor":
-                    self._assembler.add(message.tensor)
-                elif kind == "done":
-                    self.result = P.generate_result(message.done, self._assembler)
+                event = self._assembler.add(message)
+                if event is not None:
+                    yield event
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        self.result = self._assembler.result()
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -116,6 +122,9 @@ class AsyncClient:
         capture_generated: bool = False,
         capture_dtype: str = "",
         add_generation_prompt: bool = True,
+        interventions: Sequence[P.InterventionLike] | None = None,
+        steer: P.SteerLike | None = None,
+        compare_unsteered: bool = False,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> AsyncGenerateStream:
         request = P.build_generate(
@@ -133,9 +142,12 @@ class AsyncClient:
             capture_generated=capture_generated,
             capture_dtype=capture_dtype,
             add_generation_prompt=add_generation_prompt,
+            interventions=interventions,
+            steer=steer,
+            compare_unsteered=compare_unsteered,
         )
         call = self._stub.Generate(request, timeout=self.timeout, metadata=metadata)
-        return AsyncGenerateStream(call, self.as_torch)
+        return AsyncGenerateStream(call, P.GenerateAssembler(request, self.as_torch))
 
     async def generate(self, prompt: P.PromptLike, **kwargs) -> P.GenerateResult:  # noqa: ANN003
         return await self.generate_stream(prompt, **kwargs).collect()
@@ -150,6 +162,8 @@ class AsyncClient:
         dtype: str = "",
         top_k: int = 0,
         add_generation_prompt: bool = True,
+        interventions: Sequence[P.InterventionLike] | None = None,
+        steer: P.SteerLike | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
         request = P.build_trace(
@@ -160,6 +174,8 @@ class AsyncClient:
             dtype=dtype,
             top_k=top_k,
             add_generation_prompt=add_generation_prompt,
+            interventions=interventions,
+            steer=steer,
         )
         assembler = P.TensorAssembler(self.as_torch)
         traces: dict[int, P.PromptTrace] = {}
@@ -172,3 +188,99 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return P.trace_result(traces, assembler)
+
+    @property
+    def steering(self) -> AsyncSteering:
+        """The steering-vector registry (awaitable methods)."""
+        return AsyncSteering(self)
+
+    async def patch(
+        self,
+        clean: P.PromptLike,
+        corrupted: P.PromptLike,
+        *,
+        target: int | str,
+        foil: int | str | None = None,
+        metric: str = "logit_diff",
+        hook: str = "hook_resid_pre",
+        layers: Sequence[int] | int | None = None,
+        positions: P.PositionsLike = "all",
+        model: str = "",
+        add_generation_prompt: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> P.PatchResult:
+        request = P.build_patch(
+            clean,
+            corrupted,
+            target=target,
+            foil=foil,
+            metric=metric,
+            hook=hook,
+            layers=layers,
+            positions=positions,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        response = await _unary(self._stub.Patch, request, self.timeout, metadata)
+        return P.PatchResult.from_proto(response, self.as_torch)
+
+
+class AsyncSteering:
+    """`client.steering` of an AsyncClient: the methods of `Steering`, awaitable."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def _vector(self, rpc: Callable[..., Any], request: Any) -> P.SteeringVector:
+        response = await _unary(rpc, request, self._client.timeout)
+        return P.SteeringVector.from_proto(response, self._client.as_torch)
+
+    async def create(
+        self,
+        tensor: P.ArrayLike,
+        hooks: Sequence[str] | str,
+        *,
+        name: str = "",
+        description: str = "",
+        model: str = "",
+    ) -> P.SteeringVector:
+        request = P.build_create_vector(tensor, hooks, name=name, description=description, model=model)
+        return await self._vector(self._client._stub.CreateVector, request)
+
+    async def train(
+        self,
+        pairs: Sequence[P.PairLike],
+        *,
+        layers: Sequence[int] | int | None = None,
+        hooks: Sequence[str] | str | None = None,
+        method: str = "mean_diff",
+        reduce: str = "last",
+        name: str = "",
+        description: str = "",
+        model: str = "",
+        add_generation_prompt: bool = True,
+    ) -> P.SteeringVector:
+        request = P.build_train_vector(
+            pairs,
+            layers=layers,
+            hooks=hooks,
+            method=method,
+            reduce=reduce,
+            name=name,
+            description=description,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return await self._vector(self._client._stub.TrainVector, request)
+
+    async def get(self, id: str) -> P.SteeringVector:
+        return await self._vector(self._client._stub.GetVector, pb.GetVectorRequest(id=id))
+
+    async def delete(self, id: str) -> bool:
+        request = pb.DeleteVectorRequest(id=id)
+        return (await _unary(self._client._stub.DeleteVector, request, self._client.timeout)).deleted
+
+    async def list(self, model: str = "") -> list[P.SteeringVector]:
+        request = pb.ListVectorsRequest(model=model)
+        response = await _unary(self._client._stub.ListVectors, request, self._client.timeout)
+        return [P.SteeringVector.from_proto(v, self._client.as_torch) for v in response.vectors]

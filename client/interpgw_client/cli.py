@@ -10,6 +10,7 @@ import numpy as np
 
 from interpgw_client.client import DEFAULT_ADDRESS, Client
 from interpgw_client.errors import InterpgwError
+from interpgw_client.protocol import SteeringVector
 
 
 def _positions(value: str) -> str | list[int]:
@@ -21,6 +22,13 @@ def _positions(value: str) -> str | list[int]:
         raise argparse.ArgumentTypeError(
             f"positions must be all, last, none or comma-separated integers, got {value!r}"
         ) from None
+
+
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers are comma-separated integers, got {value!r}") from None
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +49,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.compare and not args.steer:
+        raise ValueError("--compare needs --steer (unsteered, both continuations are the same)")
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     with Client(args.address, timeout=args.timeout) as client:
         stream = client.generate_stream(
@@ -52,12 +62,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             seed=args.seed,
             stop=args.stop or None,
+            steer={"vector": args.steer, "scale": args.scale} if args.steer else None,
+            compare_unsteered=args.compare,
         )
-        for event in stream:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+        if args.compare:
+            print(f"=== steered ({args.steer} x {args.scale:g}) ===")
+        for event in stream:  # the baseline's events (variant 1) are printed whole at the end
+            if event.variant == 0:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
         result = stream.result
-        print(f"\n[{len(result.token_ids)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
+        if args.compare and result.baseline is not None:
+            print(f"\n=== unsteered ===\n{result.baseline.text}", end="")
+        seed = "" if result.seed is None else f", seed: {result.seed}"
+        print(f"\n[{len(result.token_ids)} tokens, finish: {result.finish_reason}{seed}]", file=sys.stderr)
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
@@ -76,6 +94,88 @@ def cmd_trace(args: argparse.Namespace) -> None:
             if trace.top_logits:
                 pairs = zip(trace.top_logits.tokens, trace.top_logits.logprobs, strict=True)
                 print("  next token:", ", ".join(f"{t!r} {lp:.3f}" for t, lp in pairs))
+
+
+def _vector_json(vector: SteeringVector) -> str:
+    fields = {k: v for k, v in vars(vector).items() if k not in ("vector", "created", "separation")}
+    created = vector.created.isoformat() if vector.created else None
+    return json.dumps(fields | {"created": created, "separation": [round(s, 4) for s in vector.separation]})
+
+
+def _read_pairs(path: str) -> list[dict]:
+    """JSON lines {"positive": ..., "negative": ...} (a prompt each: text, chat messages or token ids)."""
+    pairs = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(item, dict) or not {"positive", "negative"} <= set(item):
+                raise ValueError(f'{path}:{number}: expected {{"positive": ..., "negative": ...}}')
+            pairs.append({"positive": item["positive"], "negative": item["negative"]})
+    return pairs
+
+
+def cmd_steer_train(args: argparse.Namespace) -> None:
+    pairs = _read_pairs(args.pairs)
+    with Client(args.address, timeout=args.timeout) as client:
+        vector = client.steering.train(
+            pairs,
+            layers=args.layers,
+            method=args.method,
+            reduce=args.reduce,
+            name=args.name,
+            description=args.description,
+            model=args.model,
+        )
+    print(vector.id)
+    print(_vector_json(vector))
+
+
+def cmd_steer_list(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        vectors = client.steering.list(args.model)
+    if not vectors:
+        print("no vectors", file=sys.stderr)
+        return
+    header = ("ID", "MODEL", "NAME", "METHOD", "PAIRS", "CREATED", "HOOKS")
+    rows = [
+        (
+            v.id,
+            v.model,
+            v.name,
+            v.method,
+            str(v.n_pairs),
+            v.created.strftime("%Y-%m-%d %H:%M") if v.created else "",
+            ",".join(v.hooks) if len(v.hooks) <= 2 else f"{v.hooks[0]} (+{len(v.hooks) - 1})",
+        )
+        for v in vectors
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_steer_get(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        vector = client.steering.get(args.id)
+    print(_vector_json(vector))
+    if vector.vector is not None:
+        for hook, norm in zip(vector.hooks, np.linalg.norm(vector.vector, axis=-1).tolist(), strict=True):
+            print(f"  {hook}: norm {norm:.4g}")
+        if args.save:
+            np.save(args.save, vector.vector)
+
+
+def cmd_steer_delete(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        deleted = client.steering.delete(args.id)
+    if not deleted:
+        raise ValueError(f"no vector {args.id!r}")
+    print(f"deleted {args.id}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--steer", default=None, metavar="VECTOR_ID", help="add a registry steering vector")
+    gen.add_argument("--scale", type=float, default=1.0, help="the steering vector's scale")
+    gen.add_argument("--compare", action="store_true", help="also print the unsteered continuation (same seed)")
     gen.set_defaults(func=cmd_generate)
 
     trace = sub.add_parser("trace", help="capture activations for a prompt")
@@ -114,6 +217,29 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("--save", default=None, help="save arrays as PREFIX_<prompt>_<hook>.npy")
     trace.set_defaults(func=cmd_trace)
 
+    steer = sub.add_parser("steer", help="the steering-vector registry").add_subparsers(dest="action", required=True)
+    train = steer.add_parser("train", help="train a vector from contrastive prompt pairs")
+    _client_args(train)
+    train.add_argument("--pairs", required=True, metavar="FILE.jsonl", help='lines {"positive": ..., "negative": ...}')
+    train.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: every layer)")
+    train.add_argument("--method", choices=("mean_diff", "pca"), default="mean_diff")
+    train.add_argument("--reduce", choices=("last", "mean"), default="last", help="last token or mean over tokens")
+    train.add_argument("--name", default="")
+    train.add_argument("--description", default="")
+    train.set_defaults(func=cmd_steer_train)
+    listing = steer.add_parser("list", help="list stored vectors")
+    _client_args(listing)
+    listing.set_defaults(func=cmd_steer_list)
+    get = steer.add_parser("get", help="show one vector")
+    _client_args(get)
+    get.add_argument("id")
+    get.add_argument("--save", default=None, metavar="FILE.npy", help="save the [n_hooks, d_model] array")
+    get.set_defaults(func=cmd_steer_get)
+    delete = steer.add_parser("delete", help="delete one vector")
+    _client_args(delete)
+    delete.add_argument("id")
+    delete.set_defaults(func=cmd_steer_delete)
+
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "serve":
@@ -126,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except InterpgwError as exc:
+    except (InterpgwError, OSError, ValueError) as exc:
         parser.exit(1, f"error: {exc}\n")
 
 

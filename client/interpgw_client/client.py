@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,27 +17,32 @@ from interpgw_client.errors import from_rpc_error
 DEFAULT_ADDRESS = os.environ.get("INTERPGW_ADDRESS", "localhost:50051")
 
 
-class GenerateStream:
-    """Iterate for TokenEvents as they arrive; `.result` holds the GenerateResult once the stream ends."""
+def _unary(rpc: Callable[..., Any], request: Any, timeout: float | None, metadata: Any = None) -> Any:
+    """One unary call with the SDK's typed errors."""
+    try:
+        return rpc(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
 
-    def __init__(self, call: grpc.Call, as_torch: bool) -> None:
+
+class GenerateStream:
+    """Iterate for TokenEvents as they arrive (`.variant` 1: the unsteered baseline of compare_unsteered);
+    `.result` holds the GenerateResult once the stream ends, with the baseline as `.result.baseline`."""
+
+    def __init__(self, call: grpc.Call, assembler: P.GenerateAssembler) -> None:
         self._call = call
-        self._assembler = P.TensorAssembler(as_torch)
+        self._assembler = assembler
         self.result: P.GenerateResult | None = None
 
     def __iter__(self) -> Iterator[P.TokenEvent]:
         try:
             for message in self._call:
-                kind = message.WhichOneof("event")
-                if kind == "token":
-                    t = message.token
-                    yield P.TokenEvent(index=t.index, token_ids=list(t.token_ids), text=t.text)
-                elif kind == "tensor":
-                    self._assembler.add(message.tensor)
-                elif kind == "done":
-                    self.result = P.generate_result(message.done, self._assembler)
+                event = self._assembler.add(message)
+                if event is not None:
+                    yield event
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        self.result = self._assembler.result()
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -136,9 +142,15 @@ class Client:
         capture_generated: bool = False,
         capture_dtype: str = "",
         add_generation_prompt: bool = True,
+        interventions: Sequence[P.InterventionLike] | None = None,
+        steer: P.SteerLike | None = None,
+        compare_unsteered: bool = False,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> GenerateStream:
-        """Stream a generation. `capture` names hook points; activations arrive in `.result` at the end."""
+        """Stream a generation. `capture` names hook points; activations arrive in `.result` at the end.
+        `interventions` edit the forward pass (see `Intervention`); `steer` is the shorthand for adding vectors
+        (a registry id, {"vector", "scale", "hook", ...} or a list); `compare_unsteered` also streams the
+        unsteered continuation with the same seed, as `.result.baseline`."""
         request = P.build_generate(
             prompt,
             model=model,
@@ -154,9 +166,12 @@ class Client:
             capture_generated=capture_generated,
             capture_dtype=capture_dtype,
             add_generation_prompt=add_generation_prompt,
+            interventions=interventions,
+            steer=steer,
+            compare_unsteered=compare_unsteered,
         )
         call = self._stub.Generate(request, timeout=self.timeout, metadata=metadata)
-        return GenerateStream(call, self.as_torch)
+        return GenerateStream(call, P.GenerateAssembler(request, self.as_torch))
 
     def generate(self, prompt: P.PromptLike, **kwargs) -> P.GenerateResult:  # noqa: ANN003 - as generate_stream
         """Generate to the end; same arguments as `generate_stream`."""
@@ -174,9 +189,12 @@ class Client:
         dtype: str = "",
         top_k: int = 0,
         add_generation_prompt: bool = True,
+        interventions: Sequence[P.InterventionLike] | None = None,
+        steer: P.SteerLike | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
-        """One forward pass over each prompt; activations at `hooks` for the selected `positions`."""
+        """One forward pass over each prompt; activations at `hooks` for the selected `positions`, with the
+        `interventions` / `steer` edits (as in `generate_stream`) applied to every prompt."""
         request = P.build_trace(
             prompts,
             model=model,
@@ -185,6 +203,8 @@ class Client:
             dtype=dtype,
             top_k=top_k,
             add_generation_prompt=add_generation_prompt,
+            interventions=interventions,
+            steer=steer,
         )
         assembler = P.TensorAssembler(self.as_torch)
         traces: dict[int, P.PromptTrace] = {}
@@ -197,3 +217,105 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return P.trace_result(traces, assembler)
+
+    # ------------------------------------------------------------------ steering and patching
+
+    @property
+    def steering(self) -> Steering:
+        """The steering-vector registry."""
+        return Steering(self)
+
+    def patch(
+        self,
+        clean: P.PromptLike,
+        corrupted: P.PromptLike,
+        *,
+        target: int | str,
+        foil: int | str | None = None,
+        metric: str = "logit_diff",
+        hook: str = "hook_resid_pre",
+        layers: Sequence[int] | int | None = None,
+        positions: P.PositionsLike = "all",
+        model: str = "",
+        add_generation_prompt: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> P.PatchResult:
+        """Patch clean activations into the corrupted run one (layer, position) cell at a time. `metric`:
+        "logit_diff" (target - foil) or "prob" (of target) at the final position; tokens by id or one-token text."""
+        request = P.build_patch(
+            clean,
+            corrupted,
+            target=target,
+            foil=foil,
+            metric=metric,
+            hook=hook,
+            layers=layers,
+            positions=positions,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return P.PatchResult.from_proto(_unary(self._stub.Patch, request, self.timeout, metadata), self.as_torch)
+
+
+class Steering:
+    """`client.steering`: create or train vectors bound to one model, then `generate(..., steer=vector.id)`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _vector(self, rpc: Callable[..., Any], request: Any) -> P.SteeringVector:
+        response = _unary(rpc, request, self._client.timeout)
+        return P.SteeringVector.from_proto(response, self._client.as_torch)
+
+    def create(
+        self,
+        tensor: P.ArrayLike,
+        hooks: Sequence[str] | str,
+        *,
+        name: str = "",
+        description: str = "",
+        model: str = "",
+    ) -> P.SteeringVector:
+        """Store a vector: `tensor` is [d_model] for one hook or [len(hooks), d_model]."""
+        request = P.build_create_vector(tensor, hooks, name=name, description=description, model=model)
+        return self._vector(self._client._stub.CreateVector, request)
+
+    def train(
+        self,
+        pairs: Sequence[P.PairLike],
+        *,
+        layers: Sequence[int] | int | None = None,
+        hooks: Sequence[str] | str | None = None,
+        method: str = "mean_diff",
+        reduce: str = "last",
+        name: str = "",
+        description: str = "",
+        model: str = "",
+        add_generation_prompt: bool = True,
+    ) -> P.SteeringVector:
+        """Train on the server from (positive, negative) pairs; `layers` [6, 7] means blocks.L.hook_resid_post.
+        `method`: "mean_diff" or "pca"; `reduce`: the "last" token's activation or the "mean" over the prompt."""
+        request = P.build_train_vector(
+            pairs,
+            layers=layers,
+            hooks=hooks,
+            method=method,
+            reduce=reduce,
+            name=name,
+            description=description,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return self._vector(self._client._stub.TrainVector, request)
+
+    def get(self, id: str) -> P.SteeringVector:
+        return self._vector(self._client._stub.GetVector, pb.GetVectorRequest(id=id))
+
+    def delete(self, id: str) -> bool:
+        """False when no such vector existed."""
+        return _unary(self._client._stub.DeleteVector, pb.DeleteVectorRequest(id=id), self._client.timeout).deleted
+
+    def list(self, model: str = "") -> list[P.SteeringVector]:
+        """Every vector (of `model`, when given), without tensor data."""
+        response = _unary(self._client._stub.ListVectors, pb.ListVectorsRequest(model=model), self._client.timeout)
+        return [P.SteeringVector.from_proto(v, self._client.as_torch) for v in response.vectors]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
 from typing import Any
+
+import numpy as np
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw_client.tensors import decode
@@ -13,6 +17,10 @@ from interpgw_client.tensors import decode
 PromptLike = str | Sequence[dict] | Sequence[int]
 # Positions: "all", "last", "none", or explicit indices (negative from the prompt's end).
 PositionsLike = str | int | Sequence[int]
+# Positions an intervention edits: "all", "prompt", "generated", prompt indices (negative from the end), ("last", n).
+TargetLike = str | int | Sequence[int] | tuple[str, int]
+# A numpy array, nested lists or a torch tensor (torch is never imported here).
+ArrayLike = Any
 
 
 @dataclass
@@ -49,6 +57,7 @@ class TokenEvent:
     index: int
     token_ids: list[int]
     text: str
+    variant: int = 0  # 0: as requested; 1: the unsteered baseline (compare_unsteered)
 
 
 @dataclass
@@ -60,6 +69,8 @@ class GenerateResult:
     activations: dict[str, Any] = field(default_factory=dict)  # hook -> array [n_positions, d_model]
     positions: list[int] = field(default_factory=list)  # absolute positions of the activation rows
     cached_prompt_tokens: int = 0
+    seed: int | None = None  # the sampling seed used (the server's choice when none was given); None: unseeded
+    baseline: GenerateResult | None = None  # the unsteered continuation, with compare_unsteered
 
 
 @dataclass
@@ -90,6 +101,111 @@ class TraceResult:
         return len(self.prompts)
 
 
+@dataclass
+class Intervention:
+    """One edit of a hook point inside the forward pass, e.g. `Intervention("add", "blocks.6.hook_resid_post",
+    vector=v, scale=4.0)`. `vector` is a registry id (str) or a [d_model] array; `positions` is "all", "prompt",
+    "generated", an index, a list of indices or ("last", n); `window` = (start, end) narrows it to absolute
+    positions [start, end) of prompt + output (either end may be None)."""
+
+    op: str  # add, set, zero (alias ablate), scale, project_out, clamp, mean_ablate
+    hook: str = ""  # empty with a registry vector: every hook point the vector holds
+    vector: ArrayLike | str | None = None
+    scale: float | None = None  # add, set, scale; None: 1
+    value: float = 0.0  # clamp: the component along vector is set to this
+    positions: TargetLike = "all"
+    window: tuple[int | None, int | None] | None = None
+    norm_preserving: bool = False
+    reference_prompts: Sequence[PromptLike] = ()  # mean_ablate
+
+
+InterventionLike = Intervention | dict | pb.Intervention
+# The `steer=` shorthand: a registry vector id, a dict {"vector", "scale", "hook", "positions", ...}, or a list.
+SteerLike = str | dict | Sequence[str | dict]
+
+
+@dataclass
+class SteeringVector:
+    """A registry vector; `vector` is None in listings (ListVectors sends no tensor data)."""
+
+    id: str
+    model: str
+    d_model: int
+    hooks: list[str]
+    vector: Any  # array [len(hooks), d_model] float32, or None
+    method: str  # "tensor", "mean_diff", "pca"
+    n_pairs: int
+    created: datetime | None  # UTC
+    name: str = ""
+    description: str = ""
+    separation: list[float] = field(default_factory=list)  # per hook: share of pairs the vector orders correctly
+
+    @classmethod
+    def from_proto(cls, msg: pb.SteeringVector, as_torch: bool = False) -> SteeringVector:
+        return cls(
+            id=msg.id,
+            model=msg.model,
+            d_model=msg.d_model,
+            hooks=list(msg.hooks),
+            vector=decode_tensor(msg.tensor, as_torch) if msg.tensor.data else None,
+            method=msg.method,
+            n_pairs=msg.n_pairs,
+            created=msg.created.ToDatetime(tzinfo=timezone.utc) if msg.HasField("created") else None,  # noqa: UP017 (3.10)
+            name=msg.name,
+            description=msg.description,
+            separation=list(msg.separation),
+        )
+
+
+@dataclass
+class PatchResult:
+    """Activation patching over (layer, position) cells; `restored` = (patched - corrupted) / (clean - corrupted)."""
+
+    layers: list[int]
+    positions: list[int]
+    tokens: list[str]  # the corrupted prompt's tokens
+    metric: Any  # array [len(layers), len(positions)]: the metric of each patched run
+    restored: Any  # array [len(layers), len(positions)]; NaN where clean == corrupted
+    clean_metric: float
+    corrupted_metric: float
+    target_id: int
+    foil_id: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.PatchResponse, as_torch: bool = False) -> PatchResult:
+        return cls(
+            layers=list(msg.layers),
+            positions=list(msg.positions),
+            tokens=list(msg.tokens),
+            metric=decode_tensor(msg.metric, as_torch),
+            restored=decode_tensor(msg.restored, as_torch),
+            clean_metric=msg.clean_metric,
+            corrupted_metric=msg.corrupted_metric,
+            target_id=msg.target_id,
+            foil_id=msg.foil_id,
+        )
+
+
+# ---------------------------------------------------------------------- tensors
+
+
+def as_float32(array: ArrayLike) -> np.ndarray:
+    """numpy, nested lists, or a torch tensor of any dtype on any device (duck-typed: torch stays optional)."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):
+        array = array.detach().cpu().float().numpy()
+    return np.asarray(array, dtype=np.float32)
+
+
+def encode_tensor(array: ArrayLike) -> pb.Tensor:
+    """A float32 wire tensor (little-endian, row-major); the inverse of `decode_tensor`."""
+    data = np.asarray(as_float32(array), dtype="<f4", order="C")  # ascontiguousarray would make 0-d arrays 1-d
+    return pb.Tensor(dtype="float32", shape=list(data.shape), data=data.tobytes())
+
+
+def decode_tensor(msg: pb.Tensor, as_torch: bool = False) -> Any:
+    return decode(msg.dtype, tuple(msg.shape), msg.data, as_torch)
+
+
 # ---------------------------------------------------------------------- building requests
 
 
@@ -114,6 +230,141 @@ def build_positions(positions: PositionsLike) -> pb.PositionSelector:
     if isinstance(positions, int):
         positions = [positions]
     return pb.PositionSelector(mode=pb.PositionSelector.INDICES, indices=[int(p) for p in positions])
+
+
+def _is_index(value: object) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+_TARGET_MODES = {
+    "all": pb.InterventionTarget.ALL,
+    "prompt": pb.InterventionTarget.PROMPT,
+    "generated": pb.InterventionTarget.GENERATED,
+}
+_TARGET_CHOICES = "'all', 'prompt', 'generated', 'last', an index, a list of indices or ('last', n)"
+
+
+def build_target(positions: TargetLike, window: tuple[int | None, int | None] | None = None) -> pb.InterventionTarget:
+    """Intervention positions; "last" is ("last", 1)."""
+    T = pb.InterventionTarget
+    if isinstance(positions, str) and positions == "last":
+        positions = ("last", 1)
+    if isinstance(positions, str):
+        if positions not in _TARGET_MODES:
+            raise ValueError(f"intervention positions must be {_TARGET_CHOICES}, got {positions!r}")
+        target = T(mode=_TARGET_MODES[positions])
+    elif _is_index(positions):
+        target = T(mode=T.INDICES, indices=[operator.index(positions)])  # type: ignore[arg-type]
+    elif isinstance(positions, Sequence) and len(positions) == 2 and positions[0] == "last":
+        n = positions[1]
+        if not _is_index(n) or operator.index(n) < 1:
+            raise ValueError(f"intervention positions ('last', n) need an integer n >= 1, got {n!r}")
+        target = T(mode=T.LAST_N, n=operator.index(n))
+    else:
+        items = list(positions) if isinstance(positions, Sequence | np.ndarray) else None
+        if not items or not all(_is_index(p) for p in items):
+            raise ValueError(f"intervention positions must be {_TARGET_CHOICES}, got {positions!r}")
+        target = T(mode=T.INDICES, indices=[operator.index(p) for p in items])
+    if window is not None:
+        start, end = window
+        if start is not None and end is not None and start >= end:
+            raise ValueError(f"an intervention window (start, end) needs start < end, got {window!r}")
+        if start is not None:
+            target.window_start = start
+        if end is not None:
+            target.window_end = end
+    return target
+
+
+OPS = {
+    "add": pb.Intervention.ADD,
+    "set": pb.Intervention.SET,
+    "zero": pb.Intervention.ZERO,
+    "ablate": pb.Intervention.ZERO,
+    "scale": pb.Intervention.SCALE,
+    "project_out": pb.Intervention.PROJECT_OUT,
+    "clamp": pb.Intervention.CLAMP,
+    "mean_ablate": pb.Intervention.MEAN_ABLATE,
+}
+_VECTOR_OPS = {"add", "set", "project_out", "clamp"}
+_SCALE_OPS = {"add", "set", "scale"}
+_INTERVENTION_KEYS = [f.name for f in fields(Intervention)]
+
+
+def build_intervention(x: InterventionLike) -> pb.Intervention:
+    """Validate one intervention client-side, so mistakes fail before any RPC with the valid choices named."""
+    if isinstance(x, pb.Intervention):
+        return x
+    if isinstance(x, dict):
+        unknown = sorted(set(x) - set(_INTERVENTION_KEYS))
+        if unknown or "op" not in x:
+            problem = f"unknown keys {unknown}" if unknown else "no 'op'"
+            raise ValueError(f"intervention dict has {problem}; keys: {_INTERVENTION_KEYS}")
+        x = Intervention(**x)
+    if not isinstance(x, Intervention):
+        raise TypeError(f"an intervention is an Intervention, a dict or a pb.Intervention, got {type(x).__name__}")
+    op = x.op.lower() if isinstance(x.op, str) else x.op
+    if op not in OPS:
+        raise ValueError(f"intervention op must be one of {sorted(OPS)}, got {x.op!r}")
+    msg = pb.Intervention(op=OPS[op], hook=x.hook, value=x.value, norm_preserving=x.norm_preserving)
+    msg.target.CopyFrom(build_target(x.positions, x.window))
+    if op in _VECTOR_OPS:
+        if x.vector is None:
+            raise ValueError(f"op {op!r} needs a vector (a registry id or a [d_model] array)")
+        if isinstance(x.vector, str):
+            msg.vector_id = x.vector
+        else:
+            msg.tensor.CopyFrom(encode_tensor(x.vector))
+            if len(msg.tensor.shape) != 1:
+                raise ValueError(f"an inline vector is one [d_model] row, got shape {list(msg.tensor.shape)}")
+            if not x.hook:
+                raise ValueError(f"op {op!r} with an inline vector needs a hook")
+    elif x.vector is not None:
+        raise ValueError(f"op {op!r} takes no vector (vector ops: {sorted(_VECTOR_OPS)})")
+    elif not x.hook:
+        raise ValueError(f"op {op!r} needs a hook")
+    if x.scale is not None:
+        if op not in _SCALE_OPS:
+            raise ValueError(f"op {op!r} takes no scale (scaled ops: {sorted(_SCALE_OPS)})")
+        msg.scale = x.scale
+    if op == "mean_ablate":
+        if isinstance(x.reference_prompts, str) or not x.reference_prompts:
+            raise ValueError("op 'mean_ablate' needs reference_prompts: a list of prompts to average over")
+        msg.reference_prompts.extend(build_prompt(p) for p in x.reference_prompts)
+    elif x.reference_prompts:
+        raise ValueError(f"op {op!r} takes no reference_prompts (only 'mean_ablate' does)")
+    return msg
+
+
+def build_steer(steer: SteerLike | None) -> list[pb.Intervention]:
+    """The `steer=` shorthand: each item ADDs a vector (scale 1 unless given); a bare registry id adds it at every
+    hook point the vector holds."""
+    if steer is None:
+        return []
+    items = [steer] if isinstance(steer, str | dict) or not isinstance(steer, Sequence) else list(steer)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"vector": item}
+        if not isinstance(item, dict):
+            raise TypeError(
+                "steer is a vector id, a dict {'vector', 'scale', 'hook', 'positions', ...} or a list of those, "
+                f"got an item of type {type(item).__name__}"
+            )
+        if item.get("op", "add") != "add":
+            raise ValueError("steer= only adds vectors; pass other ops as interventions=")
+        out.append(build_intervention({"op": "add", "scale": 1.0} | item))
+    return out
+
+
+def build_interventions(
+    interventions: Sequence[InterventionLike] | None, steer: SteerLike | None
+) -> list[pb.Intervention]:
+    """`interventions` in order, then the `steer` shorthand's additions."""
+    if isinstance(interventions, Intervention | dict | pb.Intervention):
+        interventions = [interventions]
+    return [build_intervention(x) for x in interventions or ()] + build_steer(steer)
 
 
 def build_capture(
@@ -142,6 +393,9 @@ def build_generate(
     capture_generated: bool,
     capture_dtype: str,
     add_generation_prompt: bool,
+    interventions: Sequence[InterventionLike] | None = None,
+    steer: SteerLike | None = None,
+    compare_unsteered: bool = False,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, stop=[stop] if isinstance(stop, str) else stop, ignore_eos=ignore_eos
@@ -152,7 +406,13 @@ def build_generate(
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
-    request = pb.GenerateRequest(model=model, prompt=build_prompt(prompt, add_generation_prompt), sampling=sampling)
+    request = pb.GenerateRequest(
+        model=model,
+        prompt=build_prompt(prompt, add_generation_prompt),
+        sampling=sampling,
+        interventions=build_interventions(interventions, steer),
+        compare_unsteered=compare_unsteered,
+    )
     spec = build_capture(capture, positions, capture_generated, capture_dtype)
     if spec is not None:
         request.capture.CopyFrom(spec)
@@ -168,6 +428,8 @@ def build_trace(
     dtype: str,
     top_k: int,
     add_generation_prompt: bool,
+    interventions: Sequence[InterventionLike] | None = None,
+    steer: SteerLike | None = None,
 ) -> pb.TraceRequest:
     if isinstance(prompts, str) or (prompts and isinstance(list(prompts)[0], (int, dict))):
         prompts = [prompts]  # type: ignore[list-item]
@@ -175,11 +437,137 @@ def build_trace(
         model=model,
         prompts=[build_prompt(p, add_generation_prompt) for p in prompts],  # type: ignore[arg-type]
         top_k_logits=top_k,
+        interventions=build_interventions(interventions, steer),
     )
     spec = build_capture(hooks, positions, False, dtype)
     if spec is not None:
         request.capture.CopyFrom(spec)
     return request
+
+
+def build_create_vector(
+    tensor: ArrayLike, hooks: Sequence[str] | str, *, name: str, description: str, model: str
+) -> pb.CreateVectorRequest:
+    """`tensor` is [d_model] for one hook or [len(hooks), d_model]."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    wire = encode_tensor(tensor)
+    rows = 1 if len(wire.shape) == 1 else wire.shape[0]
+    if len(wire.shape) not in (1, 2) or rows != len(hooks) or not hooks:
+        raise ValueError(
+            f"a vector is [d_model] (one hook) or [len(hooks), d_model]; got shape {list(wire.shape)} "
+            f"for {len(hooks)} hook(s)"
+        )
+    return pb.CreateVectorRequest(model=model, name=name, hooks=hooks, tensor=wire, description=description)
+
+
+PairLike = tuple[PromptLike, PromptLike] | dict
+TRAIN_METHODS = {"mean_diff": pb.TrainVectorRequest.MEAN_DIFF, "pca": pb.TrainVectorRequest.PCA}
+TRAIN_REDUCE = {"last": pb.TrainVectorRequest.LAST, "mean": pb.TrainVectorRequest.MEAN}
+
+
+def build_pair(pair: PairLike, add_generation_prompt: bool = True) -> pb.ContrastPair:
+    if isinstance(pair, dict):
+        if set(pair) != {"positive", "negative"}:
+            raise ValueError(f"a contrast pair dict has exactly the keys 'positive' and 'negative', got {sorted(pair)}")
+        positive, negative = pair["positive"], pair["negative"]
+    elif isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2:
+        positive, negative = pair
+    else:
+        raise ValueError(
+            f"a contrast pair is (positive, negative) or {{'positive': ..., 'negative': ...}}, got {pair!r}"
+        )
+    return pb.ContrastPair(
+        positive=build_prompt(positive, add_generation_prompt), negative=build_prompt(negative, add_generation_prompt)
+    )
+
+
+def resid_post_hooks(layers: Sequence[int] | int) -> list[str]:
+    """Layer numbers (negative from the end) as their residual-stream output hooks."""
+    if _is_index(layers):
+        layers = [layers]  # type: ignore[list-item]
+    return [f"blocks.{operator.index(layer)}.hook_resid_post" for layer in layers]  # type: ignore[union-attr]
+
+
+def build_train_vector(
+    pairs: Sequence[PairLike],
+    *,
+    layers: Sequence[int] | int | None,
+    hooks: Sequence[str] | str | None,
+    method: str,
+    reduce: str,
+    name: str,
+    description: str,
+    model: str,
+    add_generation_prompt: bool = True,
+) -> pb.TrainVectorRequest:
+    """Neither `layers` nor `hooks`: the server trains at every layer's resid_post."""
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {sorted(TRAIN_METHODS)}, got {method!r}")
+    if reduce not in TRAIN_REDUCE:
+        raise ValueError(f"reduce must be one of {sorted(TRAIN_REDUCE)}, got {reduce!r}")
+    if layers is not None and hooks is not None:
+        raise ValueError("give layers or hooks, not both")
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("training needs at least one contrast pair")
+    if layers is not None:
+        hooks = resid_post_hooks(layers)
+    return pb.TrainVectorRequest(
+        model=model,
+        name=name,
+        pairs=[build_pair(p, add_generation_prompt) for p in pairs],
+        hooks=[hooks] if isinstance(hooks, str) else list(hooks or ()),
+        method=TRAIN_METHODS[method],
+        reduce=TRAIN_REDUCE[reduce],
+        description=description,
+    )
+
+
+PATCH_METRICS = {"logit_diff": pb.PatchMetric.LOGIT_DIFF, "prob": pb.PatchMetric.PROB}
+
+
+def _set_token(metric: pb.PatchMetric, role: str, token: int | str) -> None:
+    """A token by id or by text (which must encode to exactly one token)."""
+    if isinstance(token, str):
+        setattr(metric, f"{role}_text", token)
+    elif _is_index(token):
+        setattr(metric, f"{role}_id", operator.index(token))
+    else:
+        raise TypeError(f"{role} is a token id or a one-token string, got {token!r}")
+
+
+def build_patch(
+    clean: PromptLike,
+    corrupted: PromptLike,
+    *,
+    target: int | str,
+    foil: int | str | None,
+    metric: str,
+    hook: str,
+    layers: Sequence[int] | int | None,
+    positions: PositionsLike,
+    model: str,
+    add_generation_prompt: bool = True,
+) -> pb.PatchRequest:
+    if metric not in PATCH_METRICS:
+        raise ValueError(f"metric must be one of {sorted(PATCH_METRICS)}, got {metric!r}")
+    spec = pb.PatchMetric(kind=PATCH_METRICS[metric])
+    _set_token(spec, "target", target)
+    if foil is not None:
+        _set_token(spec, "foil", foil)
+    elif metric == "logit_diff":
+        raise ValueError("metric 'logit_diff' needs a foil token (an id or a one-token string)")
+    if layers is not None and _is_index(layers):
+        layers = [layers]  # type: ignore[list-item]
+    return pb.PatchRequest(
+        model=model,
+        clean=build_prompt(clean, add_generation_prompt),
+        corrupted=build_prompt(corrupted, add_generation_prompt),
+        hook=hook,
+        layers=[operator.index(layer) for layer in layers or ()],  # type: ignore[union-attr]
+        positions=build_positions(positions),
+        metric=spec,
+    )
 
 
 # ---------------------------------------------------------------------- assembling responses
@@ -207,16 +595,49 @@ class TensorAssembler:
         }
 
 
-def generate_result(done: pb.GenerateDone, assembler: TensorAssembler) -> GenerateResult:
+def generate_result(done: pb.GenerateDone, assembler: TensorAssembler, seeded: bool = False) -> GenerateResult:
+    """One variant's result; its tensor chunks carry the variant as prompt_index. The wire seed is 0 when the
+    server used none, so 0 means None unless the request set a seed."""
     return GenerateResult(
         text=done.text,
         token_ids=list(done.output_token_ids),
         prompt_token_ids=list(done.prompt_token_ids),
         finish_reason=done.finish_reason,
-        activations=assembler.tensors(0),
+        activations=assembler.tensors(done.variant),
         positions=list(done.captured_positions),
         cached_prompt_tokens=done.cached_prompt_tokens,
+        seed=done.seed if done.seed or seeded else None,
     )
+
+
+class GenerateAssembler:
+    """Consumes a Generate stream's messages for both stream classes: `add` turns token messages into TokenEvents
+    and keeps the rest; `result()` at the end gives variant 0 with the unsteered variant 1 as `.baseline`."""
+
+    def __init__(self, request: pb.GenerateRequest, as_torch: bool) -> None:
+        self._tensors = TensorAssembler(as_torch)
+        self._done: dict[int, pb.GenerateDone] = {}
+        self._seeded = request.sampling.HasField("seed")
+
+    def add(self, message: pb.GenerateResponse) -> TokenEvent | None:
+        kind = message.WhichOneof("event")
+        if kind == "token":
+            t = message.token
+            return TokenEvent(index=t.index, token_ids=list(t.token_ids), text=t.text, variant=t.variant)
+        if kind == "tensor":
+            self._tensors.add(message.tensor)
+        elif kind == "done":
+            self._done[message.done.variant] = message.done
+        return None
+
+    def result(self) -> GenerateResult | None:
+        """None until variant 0's final message has arrived."""
+        if 0 not in self._done:
+            return None
+        result = generate_result(self._done[0], self._tensors, self._seeded)
+        if 1 in self._done:
+            result.baseline = generate_result(self._done[1], self._tensors, self._seeded)
+        return result
 
 
 def prompt_trace(msg: pb.TracePromptResult) -> PromptTrace:

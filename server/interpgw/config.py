@@ -25,6 +25,11 @@ class LimitsConfig(BaseModel):
     max_new_tokens: int = 4096
     default_max_tokens: int = 64
     max_message_bytes: int = 64 * 2**20
+    max_interventions: int = Field(32, description="per request, after expanding multi-hook registry vectors")
+    max_edit_scale: float = Field(1000.0, description="bound on |scale| and |value| of an intervention")
+    max_reference_prompts: int = 64
+    max_train_pairs: int = 1024
+    max_patch_runs: int = Field(8192, description="layers x positions of one Patch call")
 
 
 class ServerConfig(BaseModel):
@@ -32,5 +37,7 @@ class ServerConfig(BaseModel):
     port: int = 50051
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
+    redis_url: str | None = Field(None, description="redis://host:port/db for the registry; None: in memory")
+    redis_prefix: str = Field("interpgw:", description="key prefix: deployments sharing one Redis stay apart")
     enable_fault_injection: bool = Field(False, description="test only: honour x-interpgw-fault metadata")
     startup_probe: bool = True

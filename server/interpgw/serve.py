@@ -34,6 +34,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-capture-bytes", type=int, default=lim.max_capture_bytes)
     parser.add_argument("--max-trace-prompts", type=int, default=lim.max_trace_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
+    parser.add_argument(
+        "--redis-url", default=None, help="redis://host:port/db: keeps steering vectors across restarts and replicas"
+    )
+    parser.add_argument("--redis-prefix", default="interpgw:", help="key prefix in Redis")
+    parser.add_argument("--max-interventions", type=int, default=lim.max_interventions)
+    parser.add_argument("--max-edit-scale", type=float, default=lim.max_edit_scale)
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to drain streams on stop")
     parser.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-startup-probe", action="store_true", help="skip the hooks-fire check at start-up")
@@ -60,7 +66,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_capture_bytes=args.max_capture_bytes,
             max_trace_prompts=args.max_trace_prompts,
             max_new_tokens=args.max_new_tokens,
+            max_interventions=args.max_interventions,
+            max_edit_scale=args.max_edit_scale,
         ),
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
         enable_fault_injection=args.enable_fault_injection,
         startup_probe=not args.no_startup_probe,
     )
@@ -71,9 +81,12 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
 
     from interpgw.core.prompts import PromptEncoder
     from interpgw.engine.vllm_engine import VllmEngine
+    from interpgw.registry.store import open_vector_store
     from interpgw.service import GatewayService, ServedModel
     from interpgw.transport.server import GatewayServer
 
+    vectors = open_vector_store(config.redis_url, config.redis_prefix)
+    await vectors.ping()  # a wrong --redis-url fails now, not on the first steering request
     # Signals are handled from the start: a stop during start-up must not orphan vLLM's engine processes.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,11 +112,11 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
         max_logprobs=config.engine.max_logprobs,
     )
-    service = GatewayService([served], config.limits, allow_faults=config.enable_fault_injection)
+    service = GatewayService([served], config.limits, allow_faults=config.enable_fault_injection, vectors=vectors)
     server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes)
     await server.start()
     log.info(
-        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d",
+        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s",
         facts.id,
         facts.architecture,
         facts.n_layers,
@@ -111,6 +124,7 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         facts.dtype,
         config.host,
         server.port,
+        vectors.describe(),
     )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
 
@@ -120,6 +134,7 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         await server.stop(shutdown_grace)
     finally:
         await engine.shutdown()
+        await vectors.close()
 
 
 def _kill_descendants() -> None:

@@ -9,30 +9,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
+import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from interpgw.config import LimitsConfig
-from interpgw.core.capture import CAPTURE_DTYPES, CaptureOrder, estimate_capture_bytes
-from interpgw.core.errors import Internal, InvalidArgument, ResourceExhausted
-from interpgw.core.hookpoints import all_hook_names, parse_hooks
+from interpgw.core.capture import CAPTURE_DTYPES, HookOrder, estimate_capture_bytes
+from interpgw.core.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from interpgw.core.hookpoints import LAYER_KINDS, all_hook_names, parse_hook, parse_hooks
+from interpgw.core.interventions import EditOrder, check_vector
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
     Captured,
     CaptureOptions,
     GenerateDone,
     GenerateInput,
+    PatchInput,
+    PatchOutput,
+    PromptInput,
     SamplingInput,
     TokenDelta,
     TopLogits,
     TracedPrompt,
     TraceInput,
+    TrainVectorInput,
 )
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, Engine, ModelFacts, SamplingOptions
+from interpgw.registry.records import VectorRecord, new_vector_id
+from interpgw.registry.store import MemoryVectorStore, VectorStore
+from interpgw.steering.patching import PatchMetric, PatchMetricKind, patch_grid
+from interpgw.steering.resolve import InterventionResolver, PreparedEdit
+from interpgw.steering.training import TrainMethod, contrast_vector
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +56,37 @@ class ServedModel:
     engine: Engine
     encoder: PromptEncoder
     max_logprobs: int
+    _unembedding: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def facts(self) -> ModelFacts:
         return self.engine.facts
 
+    def unembedding(self) -> torch.Tensor:
+        """[vocab, d_model] float32, read from the checkpoint on first use."""
+        if self._unembedding is None:
+            from interpgw.models.unembed import load_unembedding
+
+            facts = self.facts
+            self._unembedding = load_unembedding(facts.source, facts.vocab_size, facts.d_model)
+        return self._unembedding
+
 
 class GatewayService:
-    def __init__(self, models: list[ServedModel], limits: LimitsConfig, allow_faults: bool = False) -> None:
+    def __init__(
+        self,
+        models: list[ServedModel],
+        limits: LimitsConfig,
+        allow_faults: bool = False,
+        vectors: VectorStore | None = None,
+    ) -> None:
         if not models:
             raise ValueError("a gateway needs at least one model")
         self._models = {m.facts.id: m for m in models}
         self._default = models[0].facts.id
         self.limits = limits
         self._allow_faults = allow_faults
+        self.vectors: VectorStore = vectors if vectors is not None else MemoryVectorStore()
 
     # ------------------------------------------------------------------ models
 
@@ -79,12 +108,44 @@ class GatewayService:
         served = self.model(request.model)
         prompt_ids = served.encoder.encode(request.prompt, reserve=1)
         sampling = self._sampling(request.sampling, room=served.facts.max_model_len - len(prompt_ids))
-        request_id = f"gen-{uuid.uuid4().hex}"
-        order = None
-        if request.capture is not None:
-            hooks = self._hooks(request.capture, served)
-            order = self._capture_order(request_id, request.capture, hooks, prompt_ids, fault)
-            self._check_bytes([order], served, sampling.max_tokens)
+        hooks = self._hooks(request.capture, served) if request.capture is not None else ()
+        prepared = await self._prepare_edits(served, request.interventions)
+        if request.compare_unsteered:
+            if not prepared:
+                raise InvalidArgument("compare_unsteered needs at least one intervention to compare against")
+            if sampling.seed is None and sampling.temperature > 0:
+                # both variants must draw the same random numbers: fix a seed and report it
+                sampling = replace(sampling, seed=random.randrange(2**31))
+        variants = [prepared, []] if request.compare_unsteered else [prepared]
+        orders = []
+        for edits in variants:
+            request_id = f"gen-{uuid.uuid4().hex}"
+            order = None
+            if hooks or edits:
+                order = self._hook_order(request_id, request.capture, hooks, prompt_ids, fault, edits)
+            orders.append((request_id, order))
+        self._check_bytes([o for _, o in orders if o is not None], served, sampling.max_tokens)
+        if len(orders) == 1:
+            async for event in self._generate_one(served, prompt_ids, sampling, *orders[0], 0):
+                yield event
+            return
+        async for event in _merge(
+            [
+                self._generate_one(served, prompt_ids, sampling, request_id, order, variant)
+                for variant, (request_id, order) in enumerate(orders)
+            ]
+        ):
+            yield event
+
+    async def _generate_one(
+        self,
+        served: ServedModel,
+        prompt_ids: list[int],
+        sampling: SamplingOptions,
+        request_id: str,
+        order: HookOrder | None,
+        variant: int,
+    ) -> AsyncIterator[GenerateEvent]:
         output_ids: list[int] = []
         text: list[str] = []
         finish_reason = "abort"
@@ -93,7 +154,7 @@ class GatewayService:
         try:
             async for step in served.engine.generate(request_id, prompt_ids, sampling, order):
                 if step.token_ids or step.text:
-                    yield TokenDelta(index=len(output_ids), token_ids=step.token_ids, text=step.text)
+                    yield TokenDelta(index=len(output_ids), token_ids=step.token_ids, text=step.text, variant=variant)
                     output_ids.extend(step.token_ids)
                     text.append(step.text)
                 cached = max(cached, step.cached_prompt_tokens)
@@ -109,8 +170,10 @@ class GatewayService:
                 prompt_token_ids=prompt_ids,
                 output_token_ids=output_ids,
                 text="".join(text),
-                captured=captured,
+                captured=captured if order is not None and order.hooks else None,
                 cached_prompt_tokens=cached,
+                variant=variant,
+                seed=sampling.seed,
             )
         finally:
             if order is not None and not collected:
@@ -136,12 +199,15 @@ class GatewayService:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"prompt {index}: {exc}") from None
         batch = uuid.uuid4().hex
-        orders: list[CaptureOrder | None] = [None] * len(encoded)
-        if request.capture is not None:
-            hooks = self._hooks(request.capture, served)
+        orders: list[HookOrder | None] = [None] * len(encoded)
+        hooks = self._hooks(request.capture, served) if request.capture is not None else ()
+        prepared = await self._prepare_edits(served, request.interventions)
+        if hooks or prepared:
             for index, ids in enumerate(encoded):
                 try:
-                    orders[index] = self._capture_order(f"trace-{batch}-{index}", request.capture, hooks, ids, fault)
+                    orders[index] = self._hook_order(
+                        f"trace-{batch}-{index}", request.capture, hooks, ids, fault, prepared
+                    )
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"prompt {index}: {exc}") from None
             self._check_bytes([o for o in orders if o is not None], served, 1)
@@ -161,6 +227,8 @@ class GatewayService:
             captured = None
             if order is not None:
                 captured = _captured((await served.engine.collect([order.key]))[order.key], order, served.facts)
+                if not order.hooks:
+                    captured = None
             return TracedPrompt(
                 prompt_index=index,
                 token_ids=ids,
@@ -181,6 +249,175 @@ class GatewayService:
                 await asyncio.gather(*pending, return_exceptions=True)
                 keys = [o.key for o, t in zip(orders, tasks, strict=True) if o is not None and t in pending]
                 _discard_later(served.engine, keys)
+
+    # ------------------------------------------------------------------ steering-vector registry
+
+    async def create_vector(
+        self, model: str, hooks: Sequence[str], tensor: torch.Tensor, name: str = "", description: str = ""
+    ) -> VectorRecord:
+        served = self.model(model)
+        facts = served.facts
+        if not hooks:
+            raise InvalidArgument("a vector needs at least one hook (one per row of its tensor)")
+        names = [parse_hook(h, facts.n_layers).name for h in hooks]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"duplicate hooks in {list(hooks)}")
+        if tensor.dim() == 1:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 2 or tensor.shape[0] != len(names):
+            raise InvalidArgument(
+                f"tensor has shape {list(tensor.shape)}; expected [{len(names)}, {facts.d_model}] (one row per hook)"
+            )
+        rows = torch.stack([check_vector(row, facts.d_model, f"row {i} of the tensor") for i, row in enumerate(tensor)])
+        record = VectorRecord(
+            id=new_vector_id(),
+            model=facts.id,
+            d_model=facts.d_model,
+            hooks=tuple(names),
+            tensor=rows,
+            method="tensor",
+            n_pairs=0,
+            created=time.time(),
+            name=_check_label(name, "name"),
+            description=_check_label(description, "description", 4096),
+        )
+        await self.vectors.put(record)
+        return record
+
+    async def train_vector(self, request: TrainVectorInput) -> VectorRecord:
+        """Contrastive training: trace each pair's prompts through the engine, then CAA / PCA per hook."""
+        served = self.model(request.model)
+        facts = served.facts
+        try:
+            method = TrainMethod(request.method)
+        except ValueError:
+            raise InvalidArgument(f"unknown method {request.method!r}; valid: mean_diff, pca") from None
+        if request.reduce not in ("last", "mean"):
+            raise InvalidArgument(f"unknown reduce {request.reduce!r}; valid: last, mean")
+        if not 1 <= len(request.pairs) <= self.limits.max_train_pairs:
+            raise InvalidArgument(f"training needs 1 to {self.limits.max_train_pairs} pairs, got {len(request.pairs)}")
+        if method is TrainMethod.PCA and len(request.pairs) < 2:
+            raise InvalidArgument("method pca needs at least 2 pairs")
+        names = request.hooks or tuple(f"blocks.{layer}.hook_resid_post" for layer in range(facts.n_layers))
+        hooks = tuple(h.name for h in parse_hooks(list(names), facts.n_layers))
+        encoded = []
+        for index, pair in enumerate(request.pairs):
+            try:
+                encoded.append(
+                    (served.encoder.encode(pair.positive, reserve=1), served.encoder.encode(pair.negative, reserve=1))
+                )
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"pair {index}: {exc}") from None
+
+        async def reduced(ids: list[int]) -> dict[str, torch.Tensor]:
+            positions = (len(ids) - 1,) if request.reduce == "last" else None
+            captured = await self.forward(served, ids, (), hooks, positions)
+            return {hook: captured[hook].mean(dim=0) for hook in hooks}  # hook -> [d_model]
+
+        positives = await asyncio.gather(*(reduced(pos) for pos, _ in encoded))
+        negatives = await asyncio.gather(*(reduced(neg) for _, neg in encoded))
+        rows, separation = [], []
+        for hook in hooks:
+            vector, sep = contrast_vector(
+                torch.stack([p[hook] for p in positives]), torch.stack([n[hook] for n in negatives]), method
+            )
+            rows.append(vector)
+            separation.append(sep)
+        record = VectorRecord(
+            id=new_vector_id(),
+            model=facts.id,
+            d_model=facts.d_model,
+            hooks=hooks,
+            tensor=torch.stack(rows),
+            method=method.value,
+            n_pairs=len(encoded),
+            created=time.time(),
+            name=_check_label(request.name, "name"),
+            description=_check_label(request.description, "description", 4096),
+            separation=tuple(separation),
+        )
+        await self.vectors.put(record)
+        return record
+
+    async def list_vectors(self, model: str = "") -> list[VectorRecord]:
+        if model:
+            self.model(model)  # unknown model: INVALID_ARGUMENT rather than an empty list
+        return await self.vectors.list(model or None)
+
+    async def get_vector(self, vector_id: str) -> VectorRecord:
+        record = await self.vectors.get(vector_id) if vector_id else None
+        if record is None:
+            raise NotFound(f"no steering vector with id {vector_id!r}")
+        return record
+
+    async def delete_vector(self, vector_id: str) -> bool:
+        if not await self.vectors.delete(vector_id):
+            raise NotFound(f"no steering vector with id {vector_id!r}")
+        return True
+
+    # ------------------------------------------------------------------ activation patching
+
+    async def patch(self, request: PatchInput) -> PatchOutput:
+        served = self.model(request.model)
+        facts, encoder = served.facts, served.encoder
+        clean = encoder.encode(request.clean, reserve=1)
+        corrupted = encoder.encode(request.corrupted, reserve=1)
+        if len(clean) != len(corrupted):
+            raise InvalidArgument(
+                f"clean and corrupted prompts must have the same number of tokens ({len(clean)} != {len(corrupted)})"
+            )
+        if request.hook not in LAYER_KINDS:
+            raise InvalidArgument(f"unknown patch hook {request.hook!r}; valid: {', '.join(LAYER_KINDS)}")
+        try:
+            kind = PatchMetricKind(request.metric)
+        except ValueError:
+            raise InvalidArgument(f"unknown metric {request.metric!r}; valid: logit_diff, prob") from None
+        if request.target is None:
+            raise InvalidArgument("the metric needs a target token")
+        target = encoder.single_token(request.target, "target")
+        foil = None
+        if kind is PatchMetricKind.LOGIT_DIFF:
+            if request.foil is None:
+                raise InvalidArgument("metric logit_diff needs a foil token")
+            foil = encoder.single_token(request.foil, "foil")
+        layers = sorted(
+            {parse_hook(f"blocks.{layer}.{request.hook}", facts.n_layers).layer for layer in request.layers}
+        )
+        layers = layers or list(range(facts.n_layers))
+        positions = request.positions.resolve(len(corrupted))
+        if not positions:
+            raise InvalidArgument("patching needs at least one position")
+        runs = len(layers) * len(positions)
+        if runs > self.limits.max_patch_runs:
+            raise ResourceExhausted(
+                f"{len(layers)} layers x {len(positions)} positions = {runs} runs; the limit is "
+                f"{self.limits.max_patch_runs}: patch fewer layers or positions"
+            )
+
+        async def forward(ids, edits, hooks, at):  # noqa: ANN001, ANN202 - patching.Forward
+            return await self.forward(served, ids, edits, hooks, at)
+
+        grid = await patch_grid(
+            forward,
+            clean,
+            corrupted,
+            request.hook,
+            layers,
+            positions,
+            PatchMetric(kind, target, foil),
+            await asyncio.to_thread(served.unembedding),
+        )
+        return PatchOutput(
+            layers=grid.layers,
+            positions=grid.positions,
+            tokens=encoder.token_strings(corrupted),
+            metric=grid.metric,
+            restored=grid.restored,
+            clean_metric=grid.clean_metric,
+            corrupted_metric=grid.corrupted_metric,
+            target_id=target,
+            foil_id=foil,
+        )
 
     # ------------------------------------------------------------------ validation
 
@@ -230,21 +467,90 @@ class GatewayService:
             )
         return tuple(h.name for h in parse_hooks(list(capture.hooks), served.facts.n_layers))
 
-    def _capture_order(
-        self, key: str, capture: CaptureOptions, hooks: tuple[str, ...], prompt_ids: list[int], fault: str
-    ) -> CaptureOrder:
-        positions = capture.positions.resolve(len(prompt_ids))
-        return CaptureOrder(
+    def _hook_order(
+        self,
+        key: str,
+        capture: CaptureOptions | None,
+        hooks: tuple[str, ...],
+        prompt_ids: list[int],
+        fault: str,
+        edits: Sequence[PreparedEdit] = (),
+    ) -> HookOrder:
+        positions = capture.positions.resolve(len(prompt_ids)) if capture is not None and hooks else []
+        return HookOrder(
             key=key,
             hooks=hooks,
             prompt_len=len(prompt_ids),
-            prompt_positions=None if len(positions) == len(prompt_ids) else tuple(positions),
-            generated=capture.generated,
-            dtype=capture.dtype,
+            prompt_positions=None if hooks and len(positions) == len(prompt_ids) else tuple(positions),
+            generated=bool(capture is not None and hooks and capture.generated),
+            dtype=capture.dtype if capture is not None else "",
             fault=fault if self._allow_faults else "",
+            edits=InterventionResolver.orders(edits, len(prompt_ids)),
         )
 
-    def _check_bytes(self, orders: list[CaptureOrder], served: ServedModel, max_new_tokens: int) -> None:
+    async def _prepare_edits(self, served: ServedModel, specs: Sequence) -> list[PreparedEdit]:
+        if not specs:
+            return []
+        if len(specs) > self.limits.max_interventions:
+            raise InvalidArgument(
+                f"{len(specs)} interventions in one request; at most {self.limits.max_interventions} are allowed"
+            )
+        resolver = InterventionResolver(
+            served.facts, self.limits, self.vectors, lambda hook, prompts: self._reference_mean(served, hook, prompts)
+        )
+        return await resolver.prepare(specs)
+
+    # ------------------------------------------------------------------ forward passes for the service's own use
+
+    async def forward(
+        self,
+        served: ServedModel,
+        prompt_ids: list[int],
+        edits: tuple[EditOrder, ...],
+        hooks: tuple[str, ...],
+        positions: tuple[int, ...] | None,
+    ) -> dict[str, torch.Tensor]:
+        """One forward pass with `edits`, capturing `hooks` at prompt `positions` (None: all) in float32."""
+        key = f"internal-{uuid.uuid4().hex}"
+        order = HookOrder(
+            key=key,
+            hooks=hooks,
+            prompt_len=len(prompt_ids),
+            prompt_positions=positions,
+            generated=False,
+            dtype="float32",
+            edits=edits,
+        )
+        collected = False
+        try:
+            async for _ in served.engine.generate(
+                key, prompt_ids, SamplingOptions(max_tokens=1, temperature=0.0), order
+            ):
+                pass
+            result = (await served.engine.collect([key]))[key]
+            collected = True
+        finally:
+            if not collected:
+                _discard_later(served.engine, [key])
+        return _captured(result, order, served.facts).tensors
+
+    async def _reference_mean(self, served: ServedModel, hook: str, prompts: Sequence[PromptInput]) -> torch.Tensor:
+        """Mean of `hook` over the reference prompts' tokens, skipping each prompt's first token.
+
+        The first token is an attention sink in most LMs, with activations orders of magnitude larger than the
+        rest (SmolLM2: ~2e4 against ~10): averaging it in would make the "mean" mostly that one token.
+        """
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            try:
+                encoded.append(served.encoder.encode(prompt, reserve=1))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"reference prompt {index}: {exc}") from None
+        results = await asyncio.gather(*(self.forward(served, ids, (), (hook,), None) for ids in encoded))
+        rows = [r[hook][1:] if r[hook].shape[0] > 1 else r[hook] for r in results]
+        return torch.cat(rows).mean(dim=0)  # [d_model]
+
+    def _check_bytes(self, orders: list[HookOrder], served: ServedModel, max_new_tokens: int) -> None:
         facts = served.facts
         total = sum(estimate_capture_bytes(o, facts.d_model, facts.dtype, max_new_tokens) for o in orders)
         if total > self.limits.max_capture_bytes:
@@ -254,7 +560,7 @@ class GatewayService:
             )
 
 
-def _captured(result: CaptureResult, order: CaptureOrder, facts: ModelFacts) -> Captured:
+def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Captured:
     """Every requested hook gets a [n_positions, d_model] tensor, also when no position was selected."""
     if result.error:
         raise Internal(f"activation capture failed for this request (others are unaffected): {result.error}")
@@ -266,6 +572,12 @@ def _captured(result: CaptureResult, order: CaptureOrder, facts: ModelFacts) -> 
             tensor = torch.empty((0, facts.d_model), dtype=dtype)
         tensors[hook] = tensor
     return Captured(positions=result.positions, tensors=tensors)
+
+
+def _check_label(text: str, what: str, limit: int = 256) -> str:
+    if len(text) > limit:
+        raise InvalidArgument(f"{what} is {len(text)} characters; at most {limit} are allowed")
+    return text
 
 
 def _discard_later(engine: Engine, keys: list[str]) -> None:
@@ -283,3 +595,34 @@ def _discard_later(engine: Engine, keys: list[str]) -> None:
         asyncio.get_running_loop().create_task(discard())
     except RuntimeError:
         pass
+
+
+async def _merge(streams: list[AsyncIterator[GenerateEvent]]) -> AsyncIterator[GenerateEvent]:
+    """Interleave several event streams as their events arrive; closing the merge cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[GenerateEvent]) -> None:
+        try:
+            async for event in stream:
+                await queue.put(event)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put(exc)
+            return
+        await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,12 +1,18 @@
-"""The per-request capture order that travels to the engine worker inside `SamplingParams.extra_args`.
+"""The per-request order for the hooks, travelling to the engine worker inside `SamplingParams.extra_args`.
 
-It is JSON-safe data only (no code, no tensors): the worker reads it once per request and decides, per
-forward step, which rows of the flat `[num_tokens, d_model]` batch belong to this request and must be kept.
+It is JSON-safe data only (no code): the worker reads it once per request and decides, per forward step,
+which rows of the flat `[num_tokens, d_model]` batch belong to this request, which of them to record and
+which to edit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+
+from interpgw.core.interventions import EditOrder
+from interpgw.core.positions import RowFilter
 
 EXTRA_ARGS_KEY = "interpgw"
 
@@ -15,14 +21,15 @@ CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class CaptureOrder:
+class HookOrder:
     key: str  # gateway-side handle used to collect the results
-    hooks: tuple[str, ...]  # canonical hook names, forward order
+    hooks: tuple[str, ...]  # canonical hook names to capture, forward order (may be empty: edits only)
     prompt_len: int
     prompt_positions: tuple[int, ...] | None  # None: every prompt position
     generated: bool  # also capture generated tokens fed through the model
     dtype: str = ""  # "" keeps the model dtype
     fault: str = ""  # test-only fault injection, honoured only when the server enables it
+    edits: tuple[EditOrder, ...] = ()  # applied in this order at each hook, before that hook is recorded
 
     def to_extra_args(self) -> dict:
         data = {
@@ -35,10 +42,12 @@ class CaptureOrder:
         }
         if self.fault:
             data["fault"] = self.fault
+        if self.edits:
+            data["edits"] = [edit.to_json() for edit in self.edits]
         return data
 
     @classmethod
-    def from_extra_args(cls, data: dict) -> CaptureOrder:
+    def from_extra_args(cls, data: dict) -> HookOrder:
         positions = data.get("positions")
         return cls(
             key=str(data["key"]),
@@ -48,7 +57,16 @@ class CaptureOrder:
             generated=bool(data.get("generated", False)),
             dtype=str(data.get("dtype", "")),
             fault=str(data.get("fault", "")),
+            edits=tuple(EditOrder.from_json(e) for e in data.get("edits") or ()),
         )
+
+    def edit_salt(self) -> str:
+        """Equal for requests with equal edits (they may share cached KV), different otherwise."""
+        data = json.dumps([edit.to_json() for edit in self.edits], sort_keys=True).encode()
+        return "interpgw-edits-" + hashlib.sha256(data).hexdigest()[:32]
+
+    def capture_rows(self) -> RowFilter:
+        return RowFilter(prompt_len=self.prompt_len, prompt_positions=self.prompt_positions, generated=self.generated)
 
     def n_prompt_rows(self) -> int:
         return self.prompt_len if self.prompt_positions is None else len(self.prompt_positions)
@@ -59,7 +77,7 @@ def itemsize(dtype: str, model_dtype: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def estimate_capture_bytes(order: CaptureOrder, d_model: int, model_dtype: str, max_new_tokens: int) -> int:
+def estimate_capture_bytes(order: HookOrder, d_model: int, model_dtype: str, max_new_tokens: int) -> int:
     """Upper bound on the bytes one request's capture returns (generated rows: at most max_new_tokens - 1)."""
     rows = order.n_prompt_rows() + (max(max_new_tokens - 1, 0) if order.generated else 0)
     return rows * len(order.hooks) * d_model * itemsize(order.dtype, model_dtype)

@@ -63,5 +63,17 @@ class PromptEncoder:
         )
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
+    def single_token(self, token: int | str, what: str) -> int:
+        """A token id given as an id or as text that must encode to exactly one token (e.g. " Paris")."""
+        if isinstance(token, str):
+            ids = list(self.tokenizer(token, add_special_tokens=False).input_ids)
+            if len(ids) != 1:
+                pieces = [self.tokenizer.decode([t]) for t in ids]
+                raise InvalidArgument(f"{what} {token!r} is {len(ids)} tokens {pieces}; it must be exactly one")
+            return ids[0]
+        if not 0 <= token < self.vocab_size:
+            raise InvalidArgument(f"{what} id {token} out of range: valid ids are [0, {self.vocab_size - 1}]")
+        return int(token)
+
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t]) for t in ids]

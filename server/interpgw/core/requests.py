@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from interpgw.core.interventions import InterventionSpec
 from interpgw.core.positions import PositionSelector
 
 
@@ -51,6 +52,8 @@ class GenerateInput:
     model: str = ""
     sampling: SamplingInput = field(default_factory=SamplingInput)
     capture: CaptureOptions | None = None
+    interventions: tuple[InterventionSpec, ...] = ()
+    compare_unsteered: bool = False  # also stream the continuation without interventions (variant 1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class TraceInput:
     model: str = ""
     capture: CaptureOptions | None = None
     top_k_logits: int = 0
+    interventions: tuple[InterventionSpec, ...] = ()
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TokenDelta:
     index: int  # index of the first token of this delta within the generation
     token_ids: list[int]
     text: str
+    variant: int = 0  # 0: as requested; 1: the unsteered baseline
 
 
 @dataclass
@@ -82,6 +87,8 @@ class GenerateDone:
     text: str
     captured: Captured | None = None
     cached_prompt_tokens: int = 0
+    variant: int = 0
+    seed: int | None = None
 
 
 @dataclass
@@ -98,3 +105,46 @@ class TracedPrompt:
     tokens: list[str]
     captured: Captured | None
     top_logits: TopLogits | None
+
+
+@dataclass(frozen=True)
+class ContrastPairInput:
+    positive: PromptInput
+    negative: PromptInput
+
+
+@dataclass(frozen=True)
+class TrainVectorInput:
+    pairs: tuple[ContrastPairInput, ...]
+    hooks: tuple[str, ...] = ()  # default: every layer's resid_post
+    method: str = "mean_diff"  # "mean_diff" | "pca"
+    reduce: str = "last"  # "last" | "mean"
+    model: str = ""
+    name: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PatchInput:
+    clean: PromptInput
+    corrupted: PromptInput
+    metric: str = "logit_diff"  # "logit_diff" | "prob"
+    target: int | str | None = None  # token id, or text encoding to one token
+    foil: int | str | None = None
+    hook: str = "hook_resid_pre"
+    layers: tuple[int, ...] = ()  # default: every layer
+    positions: PositionSelector = field(default_factory=PositionSelector)
+    model: str = ""
+
+
+@dataclass
+class PatchOutput:
+    layers: list[int]
+    positions: list[int]
+    tokens: list[str]
+    metric: Any  # torch.Tensor [n_layers, n_positions] float32
+    restored: Any  # torch.Tensor [n_layers, n_positions] float32
+    clean_metric: float
+    corrupted_metric: float
+    target_id: int
+    foil_id: int | None

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from interpgw.core.capture import CaptureOrder
+from interpgw.core.capture import HookOrder
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Engine(Protocol):
         request_id: str,
         prompt_token_ids: list[int],
         sampling: SamplingOptions,
-        capture: CaptureOrder | None,
+        capture: HookOrder | None,
     ) -> AsyncIterator[EngineStep]: ...
 
     async def collect(self, keys: list[str]) -> dict[str, CaptureResult]: ...

@@ -1,11 +1,16 @@
-"""Per-request activation capture inside vLLM's continuous batch (runs in the engine worker).
+"""Per-request activation capture and editing inside vLLM's continuous batch (runs in the engine worker).
 
 vLLM flattens every scheduled token of every request into one `[num_tokens, d_model]` batch. Once per
-forward step we build a plan: for each hook point, the rows of the batch that some request wants, and how
-they split between requests. Each hook then does one `index_select` (which also copies: vLLM's fused norms
-overwrite their inputs in place) and hands each request its slice. Rows are identified by absolute token
-position, so chunked prefill (a prompt spread over several steps) and preemption (a prompt recomputed) both
-reassemble correctly.
+forward step we build a plan: for each hook point, the rows of the batch that some request wants to record
+or edit, and how they split between requests. At each hook point the edits run first (in the request's
+order), then the recording: a capture sees the stream as the request's own interventions left it, as with
+TransformerLens hooks. Recording does one `index_select` (which also copies: vLLM's fused norms overwrite
+their inputs in place) and hands each request its slice. Rows are identified by absolute token position, so
+chunked prefill (a prompt spread over several steps) and preemption (a prompt recomputed) both come out
+right.
+
+Where the stream at a hook point is a sum the model has not formed yet (Llama-family layers pass
+`hidden + residual` unsummed), an edit reads the sum and adds its change to one addend.
 
 An exception inside a hook is caught and recorded against the request(s) it concerns: it must never reach
 the engine core, which would die and take every other request with it.
@@ -24,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from interpgw.core.capture import CaptureOrder
+from interpgw.core.capture import HookOrder
+from interpgw.core.interventions import EditOrder, apply_edit
+from interpgw.core.positions import RowFilter
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.architectures import ModelModules, locate_modules
 
@@ -40,24 +47,13 @@ class StepLayout(NamedTuple):
 
 @dataclass
 class _RequestCapture:
-    order: CaptureOrder
+    order: HookOrder
     req_id: str
-    prompt_positions: np.ndarray | None  # sorted absolute positions, None: all
+    rows: RowFilter  # the rows to record
+    edits: list[tuple[EditOrder, torch.Tensor | None]]  # with each edit's vector [d_model] float32
     positions: list[np.ndarray] = field(default_factory=list)  # one array per step
     chunks: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     error: str | None = None
-
-    def select(self, positions: np.ndarray) -> np.ndarray:
-        """Boolean mask over this step's positions of the rows to keep."""
-        prompt_len = self.order.prompt_len
-        in_prompt = positions < prompt_len
-        if self.prompt_positions is None:
-            keep = in_prompt
-        else:
-            keep = in_prompt & np.isin(positions, self.prompt_positions)
-        if self.order.generated:
-            keep = keep | ~in_prompt
-        return keep
 
     def append(self, hook: str, rows: torch.Tensor, allow_faults: bool) -> None:
         if self.error is not None:
@@ -98,6 +94,24 @@ class _HookSelection:
     counts: list[int]
 
 
+@dataclass
+class _EditGroup:
+    """The edits of one step at one hook point."""
+
+    add_index: torch.Tensor | None = None  # [n_rows]: rows of all plain adds, batched into one index_add_
+    add_delta: torch.Tensor | None = None  # [n_rows, d_model] float32
+    add_owners: list[_RequestCapture] = field(default_factory=list)
+    # other edits, in each request's order: (rows of the flat batch, edit, vector, owner)
+    others: list[tuple[torch.Tensor, EditOrder, torch.Tensor | None, _RequestCapture]] = field(default_factory=list)
+
+
+@dataclass
+class _StepPlan:
+    captures: dict[str, _HookSelection]
+    edits: dict[str, _EditGroup]
+    stash_layers: set[int]  # layers whose resid_pre must be kept for resid_mid edits (Llama family)
+
+
 class ActivationRecorder:
     """Installs forward hooks on a vLLM model and records per-request activations."""
 
@@ -114,7 +128,8 @@ class ActivationRecorder:
         self._allow_faults = allow_faults
         self._by_req: dict[str, _RequestCapture | None] = {}
         self._by_key: dict[str, _RequestCapture] = {}
-        self._plan: dict[str, _HookSelection] | None = None
+        self._plan: _StepPlan | None = None
+        self._stash: dict[int, torch.Tensor] = {}  # layer -> resid_pre [num_tokens, d_model], for resid_mid edits
         self._steps = 0
         self._pending_pre: torch.Tensor | None = None  # GPT-2 only: resid_pre of the running block
         self.fire_counts: Counter[str] = Counter()
@@ -174,11 +189,9 @@ class ActivationRecorder:
         capture = None
         data = self._order_fn(req_id)
         if data is not None:
-            order = CaptureOrder.from_extra_args(data)
-            positions = None
-            if order.prompt_positions is not None:
-                positions = np.asarray(order.prompt_positions, dtype=np.int64)
-            capture = _RequestCapture(order=order, req_id=req_id, prompt_positions=positions)
+            order = HookOrder.from_extra_args(data)
+            edits = [(edit, edit.vector_tensor()) for edit in order.edits]
+            capture = _RequestCapture(order=order, req_id=req_id, rows=order.capture_rows(), edits=edits)
             self._by_key[order.key] = capture
         self._by_req[req_id] = capture
         return capture
@@ -188,11 +201,11 @@ class ActivationRecorder:
         try:
             self._plan = self._build_plan(args, kwargs)
         except Exception:  # noqa: BLE001
-            log.exception("building the capture plan failed; this step is not captured")
+            log.exception("building the hook plan failed; this step is neither captured nor edited")
             for capture in self._by_key.values():
                 capture.error = capture.error or "internal error while planning capture"
 
-    def _build_plan(self, args: tuple, kwargs: dict) -> dict[str, _HookSelection] | None:
+    def _build_plan(self, args: tuple, kwargs: dict) -> _StepPlan | None:
         layout = self._layout_fn()
         self._steps += 1
         if self._steps % 256 == 0:
@@ -206,35 +219,69 @@ class ActivationRecorder:
             return None
         positions = kwargs.get("positions") if "positions" in kwargs else args[1]
         positions_np = positions.detach().to("cpu").numpy()
+        device = positions.device
         qsl = layout.query_start_loc
         per_hook: dict[str, list[tuple[_RequestCapture, np.ndarray]]] = defaultdict(list)
+        edits: dict[str, _EditGroup] = {}
+        add_parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = defaultdict(list)
         for i, capture in active:
             lo, hi = int(qsl[i]), int(qsl[i + 1])
             step_positions = positions_np[lo:hi]
-            keep = capture.select(step_positions)
-            if not keep.any():
-                continue
-            rows = np.nonzero(keep)[0] + lo
-            capture.positions.append(step_positions[keep].astype(np.int64))
-            for hook in capture.order.hooks:
-                per_hook[hook].append((capture, rows))
-        if not per_hook:
+            if capture.order.hooks:
+                keep = capture.rows.mask(step_positions)
+                if keep.any():
+                    rows = np.nonzero(keep)[0] + lo
+                    capture.positions.append(step_positions[keep].astype(np.int64))
+                    for hook in capture.order.hooks:
+                        per_hook[hook].append((capture, rows))
+            if capture.edits:
+                self._plan_edits(capture, step_positions, lo, device, edits, add_parts)
+        for hook, parts in add_parts.items():
+            group = edits[hook]
+            group.add_index = torch.from_numpy(np.concatenate([rows for rows, _ in parts])).to(device)
+            group.add_delta = torch.cat([delta.expand(len(rows), -1) for rows, delta in parts])
+        if not per_hook and not edits:
             return None
-        device = positions.device
         shared_index: dict[tuple[int, ...], torch.Tensor] = {}
-        plan = {}
+        selections = {}
         for hook, entries in per_hook.items():
             group = tuple(id(capture) for capture, _ in entries)
             index = shared_index.get(group)
             if index is None:
                 index = torch.from_numpy(np.concatenate([rows for _, rows in entries])).to(device)
                 shared_index[group] = index
-            plan[hook] = _HookSelection(
+            selections[hook] = _HookSelection(
                 index=index,
                 captures=[capture for capture, _ in entries],
                 counts=[len(rows) for _, rows in entries],
             )
-        return plan
+        stash = {int(h.split(".")[1]) for h in edits if h.endswith(".hook_resid_mid")}
+        return _StepPlan(captures=selections, edits=edits, stash_layers=stash)
+
+    @staticmethod
+    def _plan_edits(
+        capture: _RequestCapture,
+        step_positions: np.ndarray,
+        lo: int,
+        device: torch.device,
+        edits: dict[str, _EditGroup],
+        add_parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]],
+    ) -> None:
+        """Place one request's edits of this step: plain adds batch across requests, the rest run in order."""
+        per_hook: dict[str, list[tuple[np.ndarray, EditOrder, torch.Tensor | None]]] = defaultdict(list)
+        for edit, vector in capture.edits:
+            keep = edit.rows.mask(step_positions)
+            if keep.any():
+                per_hook[edit.hook].append((np.nonzero(keep)[0] + lo, edit, vector))
+        for hook, items in per_hook.items():
+            group = edits.setdefault(hook, _EditGroup())
+            if all(edit.is_plain_add for _, edit, _ in items):  # order among adds does not matter
+                for rows, edit, vector in items:
+                    add_parts[hook].append((rows, (edit.scale * vector).unsqueeze(0)))  # [1, d_model]
+                group.add_owners.append(capture)
+            else:
+                for rows, edit, vector in items:
+                    group.others.append((torch.from_numpy(rows).to(device), edit, vector, capture))
 
     def _prune(self, live: set[str]) -> None:
         """Forget non-capturing requests that left the batch (their lookups are cheap to redo)."""
@@ -243,15 +290,45 @@ class ActivationRecorder:
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._plan = None
+        self._stash.clear()
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ editing and recording
+
+    def _edit(self, hook: str, read: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor) -> None:
+        """Apply this step's edits at `hook`: `read(index)` gives the stream's rows, changes are added to `target`.
+
+        `target` is the tensor the model carries on (for a summed stream, one addend): adding the change there
+        makes every later computation see the edited stream.
+        """
+        group = self._plan.edits.get(hook) if self._plan is not None else None
+        if group is None:
+            return
+        if group.add_index is not None:
+            try:
+                target.index_add_(0, group.add_index, group.add_delta.to(target.dtype))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("edit at %s failed", hook)
+                for owner in group.add_owners:
+                    owner.error = owner.error or f"edit at {hook} failed: {exc}"
+        for index, edit, vector, owner in group.others:
+            if owner.error is not None:
+                continue
+            try:
+                if self._allow_faults and owner.order.fault == "edit":
+                    raise RuntimeError("fault injected into edit (test only)")
+                x = read(index).float()  # [n_rows, d_model]
+                new = apply_edit(x, edit.op, vector, edit.scale, edit.value, edit.norm_preserving)
+                target.index_add_(0, index, (new - x).to(target.dtype))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("edit at %s failed", hook)
+                owner.error = owner.error or f"edit at {hook} failed: {exc}"
 
     def _record(self, hook: str, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Gather the planned rows of one hook point once, then split them between requests."""
         plan = self._plan
         if plan is None:
             return
-        selection = plan.get(hook)
+        selection = plan.captures.get(hook)
         if selection is None:
             return
         self.fire_counts[hook] += 1
@@ -269,54 +346,66 @@ class ActivationRecorder:
             except Exception as exc:  # noqa: BLE001
                 capture.error = capture.error or f"capture at {hook} failed: {exc}"
 
+    def _visit(self, hook: str, read: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor) -> None:
+        """Edit, then record, one hook point whose stream is `read` and whose carrier is `target`."""
+        self._edit(hook, read, target)
+        self._record(hook, read)
+
+    # ------------------------------------------------------------------ hooks
+
     def _on_embed(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._plan is not None:
-            self._record("hook_embed", partial(_rows, output))
+            self._visit("hook_embed", partial(_rows, output), output)
 
     def _on_layer_start(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._plan is None:
             return
+        hook = f"blocks.{layer}.hook_resid_pre"
         if self.modules.fused_residual:
             hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
             residual = args[2] if len(args) > 2 else kwargs.get("residual")
-            if residual is None:
-                self._record(f"blocks.{layer}.hook_resid_pre", partial(_rows, hidden))
-            else:
-                self._record(f"blocks.{layer}.hook_resid_pre", partial(_rows_sum, hidden, residual))
+            read = partial(_rows, hidden) if residual is None else partial(_rows_sum, hidden, residual)
+            self._visit(hook, read, hidden)
+            if layer in self._plan.stash_layers:  # the fused norm will overwrite hidden/residual in place
+                self._stash[layer] = hidden.clone() if residual is None else hidden + residual
         else:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._record(f"blocks.{layer}.hook_resid_pre", partial(_rows, hidden))
+            self._visit(hook, partial(_rows, hidden), hidden)
             self._pending_pre = hidden
 
     def _on_attn(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
         if self._plan is None:
             return
         attn_out = output[0] if isinstance(output, tuple) else output
-        self._record(f"blocks.{layer}.hook_attn_out", partial(_rows, attn_out))
+        self._visit(f"blocks.{layer}.hook_attn_out", partial(_rows, attn_out), attn_out)
+        mid = f"blocks.{layer}.hook_resid_mid"
+        resid_pre = self._pending_pre if not self.modules.fused_residual else self._stash.get(layer)
+        if mid in self._plan.edits and resid_pre is not None:
+            self._edit(mid, partial(_rows_sum, attn_out, resid_pre), attn_out)
         if not self.modules.fused_residual:
-            self._record(f"blocks.{layer}.hook_resid_mid", partial(_rows_sum, attn_out, self._pending_pre))
+            self._record(mid, partial(_rows_sum, attn_out, self._pending_pre))
 
     def _on_mlp(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
         if self._plan is None:
             return
-        self._record(f"blocks.{layer}.hook_mlp_out", partial(_rows, output))
+        self._visit(f"blocks.{layer}.hook_mlp_out", partial(_rows, output), output)
 
     def _on_layer_end(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
         if self._plan is None:
             return
         if self.modules.fused_residual:
             mlp_out, resid_mid = output
+            self._visit(f"blocks.{layer}.hook_mlp_out", partial(_rows, mlp_out), mlp_out)
             self._record(f"blocks.{layer}.hook_resid_mid", partial(_rows, resid_mid))
-            self._record(f"blocks.{layer}.hook_mlp_out", partial(_rows, mlp_out))
-            self._record(f"blocks.{layer}.hook_resid_post", partial(_rows_sum, mlp_out, resid_mid))
+            self._visit(f"blocks.{layer}.hook_resid_post", partial(_rows_sum, mlp_out, resid_mid), mlp_out)
         else:
-            self._record(f"blocks.{layer}.hook_resid_post", partial(_rows, output))
+            self._visit(f"blocks.{layer}.hook_resid_post", partial(_rows, output), output)
 
     def _on_final_norm(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._plan is None:
             return
         normed = output[0] if isinstance(output, tuple) else output
-        self._record("ln_final.hook_normalized", partial(_rows, normed))
+        self._visit("ln_final.hook_normalized", partial(_rows, normed), normed)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

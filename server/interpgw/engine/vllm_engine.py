@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from interpgw.config import EngineConfig
-from interpgw.core.capture import EXTRA_ARGS_KEY, CaptureOrder
+from interpgw.core.capture import EXTRA_ARGS_KEY, HookOrder
 from interpgw.core.errors import Internal
 from interpgw.core.hookpoints import all_hook_names
 from interpgw.core.wire import torch_dtype
@@ -105,7 +105,7 @@ class VllmEngine:
         """Hazard check: every hook point must fire and return rows of the right shape."""
         hooks = tuple(all_hook_names(self.facts.n_layers))
         key = f"probe-{uuid.uuid4().hex}"
-        order = CaptureOrder(key=key, hooks=hooks, prompt_len=3, prompt_positions=None, generated=False)
+        order = HookOrder(key=key, hooks=hooks, prompt_len=3, prompt_positions=None, generated=False)
         async for _ in self.generate(key, [1, 2, 3], SamplingOptions(max_tokens=1, temperature=0.0), order):
             pass
         result = (await self.collect([key]))[key]
@@ -122,7 +122,7 @@ class VllmEngine:
         request_id: str,
         prompt_token_ids: list[int],
         sampling: SamplingOptions,
-        capture: CaptureOrder | None,
+        capture: HookOrder | None,
     ) -> AsyncIterator[EngineStep]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -140,9 +140,13 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: capture.to_extra_args()} if capture else None,
             # a capture must see every prompt position computed, not read from the prefix cache
-            skip_reading_prefix_cache=True if capture else None,
+            skip_reading_prefix_cache=True if capture and capture.hooks else None,
         )
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
+        if capture is not None and capture.edits:
+            # Edited KV must never be served to a request without the same edits (DESIGN.md hazard 3.2): the salt
+            # puts this request's cached blocks in their own namespace.
+            prompt["cache_salt"] = capture.edit_salt()
         async for output in self._llm.generate(prompt, params, request_id):
             completion = output.outputs[0]
             step = EngineStep(

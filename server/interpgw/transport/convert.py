@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 
+import torch
+
 from interpgw.core.errors import InvalidArgument
+from interpgw.core.interventions import EditOp, InterventionSpec, TargetMode, TargetSpec
 from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.requests import (
     Captured,
     CaptureOptions,
     ChatTurn,
+    ContrastPairInput,
     GenerateInput,
+    PatchInput,
+    PatchOutput,
     PromptInput,
     SamplingInput,
     TraceInput,
+    TrainVectorInput,
 )
-from interpgw.core.wire import tensor_chunks
+from interpgw.core.wire import dtype_name, tensor_chunks
 from interpgw.engine.base import ModelFacts
+from interpgw.registry.records import VectorRecord
 from interpgw.v1 import gateway_pb2 as pb
+
+# dtypes accepted in tensors sent by clients
+INPUT_DTYPES = ("float32", "float64", "bfloat16", "float16")
+MAX_INPUT_TENSOR_BYTES = 256 * 2**20
 
 _MODES = {
     pb.PositionSelector.ALL: PositionMode.ALL,
@@ -53,15 +67,19 @@ def prompt_input(prompt: pb.Prompt) -> PromptInput:
     raise InvalidArgument("prompt is empty: set one of text, chat, tokens")
 
 
+def capture_positions(selector: pb.PositionSelector) -> PositionSelector:
+    mode = _MODES.get(selector.mode)
+    if mode is None:
+        raise InvalidArgument(f"unknown position mode {selector.mode}; valid: ALL, LAST, INDICES, NONE")
+    return PositionSelector(mode=mode, indices=tuple(selector.indices))
+
+
 def capture_options(spec: pb.CaptureSpec, present: bool) -> CaptureOptions | None:
     if not present:
         return None
-    mode = _MODES.get(spec.positions.mode)
-    if mode is None:
-        raise InvalidArgument(f"unknown position mode {spec.positions.mode}; valid: ALL, LAST, INDICES, NONE")
     return CaptureOptions(
         hooks=tuple(spec.hooks),
-        positions=PositionSelector(mode=mode, indices=tuple(spec.positions.indices)),
+        positions=capture_positions(spec.positions),
         generated=spec.generated,
         dtype=spec.dtype,
     )
@@ -83,6 +101,8 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         model=request.model,
         sampling=sampling,
         capture=capture_options(request.capture, request.HasField("capture") and bool(request.capture.hooks)),
+        interventions=interventions(request.interventions),
+        compare_unsteered=request.compare_unsteered,
     )
 
 
@@ -92,6 +112,171 @@ def trace_input(request: pb.TraceRequest) -> TraceInput:
         model=request.model,
         capture=capture_options(request.capture, request.HasField("capture") and bool(request.capture.hooks)),
         top_k_logits=request.top_k_logits,
+        interventions=interventions(request.interventions),
+    )
+
+
+# ---------------------------------------------------------------------- tensors from clients
+
+
+def tensor_from_proto(message: pb.Tensor, what: str) -> torch.Tensor:
+    """A float tensor from a client; InvalidArgument for a bad dtype, shape or byte count."""
+    if message.dtype not in INPUT_DTYPES:
+        raise InvalidArgument(f"{what}: unsupported dtype {message.dtype!r}; valid: {', '.join(INPUT_DTYPES)}")
+    shape = list(message.shape)
+    if not shape or any(d < 0 for d in shape) or len(shape) > 4:
+        raise InvalidArgument(f"{what}: shape {shape} must have 1 to 4 non-negative dimensions")
+    dtype = getattr(torch, message.dtype)
+    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if expected > MAX_INPUT_TENSOR_BYTES or len(message.data) != expected:
+        raise InvalidArgument(
+            f"{what}: {len(message.data)} data bytes for shape {shape} and dtype {message.dtype} "
+            f"(expected {expected}, at most {MAX_INPUT_TENSOR_BYTES})"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: copied by .to() below
+        return torch.frombuffer(message.data, dtype=dtype).reshape(shape).to(torch.float32)
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
+    data = tensor.detach().cpu().contiguous()
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return pb.Tensor(dtype=dtype_name(data), shape=list(data.shape), data=raw)
+
+
+# ---------------------------------------------------------------------- interventions
+
+_OPS = {
+    pb.Intervention.ADD: EditOp.ADD,
+    pb.Intervention.SET: EditOp.SET,
+    pb.Intervention.ZERO: EditOp.ZERO,
+    pb.Intervention.SCALE: EditOp.SCALE,
+    pb.Intervention.PROJECT_OUT: EditOp.PROJECT_OUT,
+    pb.Intervention.CLAMP: EditOp.CLAMP,
+    pb.Intervention.MEAN_ABLATE: EditOp.MEAN_ABLATE,
+}
+_TARGETS = {
+    pb.InterventionTarget.ALL: TargetMode.ALL,
+    pb.InterventionTarget.PROMPT: TargetMode.PROMPT,
+    pb.InterventionTarget.GENERATED: TargetMode.GENERATED,
+    pb.InterventionTarget.INDICES: TargetMode.INDICES,
+    pb.InterventionTarget.LAST_N: TargetMode.LAST_N,
+}
+
+
+def interventions(messages: Iterator[pb.Intervention]) -> tuple[InterventionSpec, ...]:
+    specs = []
+    for index, message in enumerate(messages):
+        try:
+            specs.append(intervention(message))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"intervention {index}: {exc}") from None
+    return tuple(specs)
+
+
+def intervention(message: pb.Intervention) -> InterventionSpec:
+    op = _OPS.get(message.op)
+    if op is None:
+        raise InvalidArgument(f"unknown op {message.op}; valid: {', '.join(o.value for o in EditOp)}")
+    target = message.target
+    mode = _TARGETS.get(target.mode)
+    if mode is None:
+        raise InvalidArgument(f"unknown target mode {target.mode}; valid: {', '.join(m.value for m in TargetMode)}")
+    kind = message.WhichOneof("vector")
+    return InterventionSpec(
+        op=op,
+        hook=message.hook,
+        target=TargetSpec(
+            mode=mode,
+            indices=tuple(target.indices),
+            n=target.n,
+            window_start=target.window_start if target.HasField("window_start") else None,
+            window_end=target.window_end if target.HasField("window_end") else None,
+        ),
+        vector=tensor_from_proto(message.tensor, "vector") if kind == "tensor" else None,
+        vector_id=message.vector_id if kind == "vector_id" else "",
+        scale=message.scale if message.HasField("scale") else None,
+        value=message.value,
+        norm_preserving=message.norm_preserving,
+        reference_prompts=tuple(prompt_input(p) for p in message.reference_prompts),
+    )
+
+
+# ---------------------------------------------------------------------- registry and patching
+
+
+def steering_vector(record: VectorRecord, with_tensor: bool = True) -> pb.SteeringVector:
+    message = pb.SteeringVector(
+        id=record.id,
+        model=record.model,
+        d_model=record.d_model,
+        hooks=list(record.hooks),
+        method=record.method,
+        n_pairs=record.n_pairs,
+        name=record.name,
+        description=record.description,
+        separation=list(record.separation),
+    )
+    message.created.FromNanoseconds(int(record.created * 1e9))
+    if with_tensor:
+        message.tensor.CopyFrom(tensor_to_proto(record.tensor))
+    return message
+
+
+_TRAIN_METHODS = {pb.TrainVectorRequest.MEAN_DIFF: "mean_diff", pb.TrainVectorRequest.PCA: "pca"}
+_REDUCE = {pb.TrainVectorRequest.LAST: "last", pb.TrainVectorRequest.MEAN: "mean"}
+
+
+def train_vector_input(request: pb.TrainVectorRequest) -> TrainVectorInput:
+    pairs = []
+    for index, pair in enumerate(request.pairs):
+        try:
+            pairs.append(ContrastPairInput(prompt_input(pair.positive), prompt_input(pair.negative)))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"pair {index}: {exc}") from None
+    return TrainVectorInput(
+        pairs=tuple(pairs),
+        hooks=tuple(request.hooks),
+        method=_TRAIN_METHODS.get(request.method, str(request.method)),
+        reduce=_REDUCE.get(request.reduce, str(request.reduce)),
+        model=request.model,
+        name=request.name,
+        description=request.description,
+    )
+
+
+_PATCH_METRICS = {pb.PatchMetric.LOGIT_DIFF: "logit_diff", pb.PatchMetric.PROB: "prob"}
+
+
+def patch_input(request: pb.PatchRequest) -> PatchInput:
+    metric = request.metric
+    target_kind, foil_kind = metric.WhichOneof("target"), metric.WhichOneof("foil")
+    return PatchInput(
+        clean=prompt_input(request.clean),
+        corrupted=prompt_input(request.corrupted),
+        metric=_PATCH_METRICS.get(metric.kind, str(metric.kind)),
+        target=getattr(metric, target_kind) if target_kind else None,
+        foil=getattr(metric, foil_kind) if foil_kind else None,
+        hook=request.hook or "hook_resid_pre",
+        layers=tuple(request.layers),
+        positions=capture_positions(request.positions),
+        model=request.model,
+    )
+
+
+def patch_response(output: PatchOutput) -> pb.PatchResponse:
+    return pb.PatchResponse(
+        layers=output.layers,
+        positions=output.positions,
+        tokens=output.tokens,
+        metric=tensor_to_proto(output.metric),
+        restored=tensor_to_proto(output.restored),
+        clean_metric=output.clean_metric,
+        corrupted_metric=output.corrupted_metric,
+        target_id=output.target_id,
+        foil_id=output.foil_id if output.foil_id is not None else -1,
     )
 
 

@@ -43,13 +43,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         async for event in self.service.generate(convert.generate_input(request), fault=_fault(context)):
             if isinstance(event, TokenDelta):
-                token = pb.TokenEvent(index=event.index, token_ids=event.token_ids, text=event.text)
+                token = pb.TokenEvent(
+                    index=event.index, token_ids=event.token_ids, text=event.text, variant=event.variant
+                )
                 yield pb.GenerateResponse(token=token)
             elif isinstance(event, GenerateDone):
                 positions: list[int] = []
                 if event.captured is not None:
                     positions = event.captured.positions
-                    for chunk in convert.tensor_messages(0, event.captured):
+                    for chunk in convert.tensor_messages(event.variant, event.captured):
                         yield pb.GenerateResponse(tensor=chunk)
                 done = pb.GenerateDone(
                     finish_reason=event.finish_reason,
@@ -58,7 +60,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     text=event.text,
                     captured_positions=positions,
                     cached_prompt_tokens=event.cached_prompt_tokens,
+                    variant=event.variant,
                 )
+                if event.seed is not None:
+                    done.seed = event.seed
                 yield pb.GenerateResponse(done=done)
 
     @streaming
@@ -84,3 +89,37 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             if traced.captured is not None:
                 for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
                     yield pb.TraceResponse(tensor=chunk)
+
+    # ------------------------------------------------------------------ steering-vector registry
+
+    @unary
+    async def CreateVector(self, request: pb.CreateVectorRequest, context: grpc.aio.ServicerContext):
+        tensor = convert.tensor_from_proto(request.tensor, "tensor")
+        record = await self.service.create_vector(
+            request.model, list(request.hooks), tensor, request.name, request.description
+        )
+        return convert.steering_vector(record)
+
+    @unary
+    async def TrainVector(self, request: pb.TrainVectorRequest, context: grpc.aio.ServicerContext):
+        record = await self.service.train_vector(convert.train_vector_input(request))
+        return convert.steering_vector(record)
+
+    @unary
+    async def ListVectors(self, request: pb.ListVectorsRequest, context: grpc.aio.ServicerContext):
+        records = await self.service.list_vectors(request.model)
+        return pb.ListVectorsResponse(vectors=[convert.steering_vector(r, with_tensor=False) for r in records])
+
+    @unary
+    async def GetVector(self, request: pb.GetVectorRequest, context: grpc.aio.ServicerContext):
+        return convert.steering_vector(await self.service.get_vector(request.id))
+
+    @unary
+    async def DeleteVector(self, request: pb.DeleteVectorRequest, context: grpc.aio.ServicerContext):
+        return pb.DeleteVectorResponse(deleted=await self.service.delete_vector(request.id))
+
+    # ------------------------------------------------------------------ patching
+
+    @unary
+    async def Patch(self, request: pb.PatchRequest, context: grpc.aio.ServicerContext):
+        return convert.patch_response(await self.service.patch(convert.patch_input(request)))

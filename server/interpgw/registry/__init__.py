@@ -1,0 +1,1 @@
+"""Steering-vector registry: records, their serialization, and the stores that keep them."""
