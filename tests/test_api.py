@@ -166,7 +166,9 @@ def test_large_tensors_are_streamed_in_chunks_under_4_mib(default_gateway, hf_de
     assert len(data) == chunks[0].total_bytes == len(prompt.token_ids) * 576 * 4
     tensor = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(list(chunks[0].shape))
     expected = hf_activations(hf_default, list(prompt.token_ids))["blocks.12.hook_resid_post"]
-    assert scaled_max_diff(tensor, expected) < 1e-4
+    # A mis-assembled chunk would be off by O(1). fp32 noise on this 1,900-token repetitive prompt depends on
+    # the CPU's kernels: 5e-6 on an Intel (AMX) machine, 1.2e-4 at one position on an AMD EPYC (AVX-512) one.
+    assert scaled_max_diff(tensor, expected) < 5e-4
 
 
 def test_cancelled_stream_leaves_the_server_healthy(client) -> None:  # noqa: ANN001
@@ -237,3 +239,14 @@ def test_readme_example_runs(default_gateway) -> None:  # noqa: ANN001
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "(1, 576)" in out.stdout
+
+
+def test_readme_steering_example_runs(default_gateway) -> None:  # noqa: ANN001
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    steering = next(b for b in blocks if "client.steering.train" in b)
+    check = "\nprint(out.text != out.baseline.text, grid.restored.shape)\n"
+    code = (blocks[0] + steering + check).replace('"localhost:50051"', repr(default_gateway.address))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert "True (30, 8)" in out.stdout, out.stdout

@@ -52,11 +52,14 @@ class FakeEngine:
         self.facts = FACTS
         self.orders: dict[str, tuple[HookOrder, int]] = {}
         self.discarded: list[str] = []
+        self.seen: list[HookOrder] = []  # every order, in arrival order
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions, capture: HookOrder | None
     ) -> AsyncIterator[EngineStep]:
         token = prompt_token_ids[-1]
+        if capture is not None:
+            self.seen.append(capture)
         for i in range(sampling.max_tokens):
             await asyncio.sleep(0)
             token = (token + 1) % FACTS.vocab_size
@@ -237,3 +240,74 @@ def test_an_abandoned_stream_discards_its_captures() -> None:
 
     run(abandon())
     assert len(engine.discarded) == 1
+
+
+# ---------------------------------------------------------------------- interventions, registry, patching
+
+
+def steer_input(**kwargs) -> GenerateInput:  # noqa: ANN003
+    from interpgw.core.interventions import EditOp, InterventionSpec, TargetMode, TargetSpec
+
+    spec = InterventionSpec(
+        op=EditOp.ADD, hook="blocks.-1.hook_resid_post", target=TargetSpec(TargetMode.LAST_N, n=2),
+        vector=torch.ones(FACTS.d_model),
+    )  # fmt: skip
+    return GenerateInput(PromptInput(text="abcde"), sampling=SamplingInput(max_tokens=3, temperature=0.7), **kwargs,
+                         interventions=(spec,))  # fmt: skip
+
+
+def test_interventions_reach_the_engine_as_absolute_edits() -> None:
+    service = make_service()
+    run(drain(service.generate(steer_input())))
+    (order,) = service.model().engine.seen
+    (edit,) = order.edits
+    assert order.hooks == () and edit.hook == "blocks.1.hook_resid_post" and edit.vector == (1.0,) * 4
+    assert edit.rows.prompt_positions == (3, 4) and not edit.rows.generated
+
+
+def test_compare_unsteered_streams_two_variants_with_one_seed() -> None:
+    service = make_service()
+    events = run(drain(service.generate(steer_input(compare_unsteered=True))))
+    done = [e for e in events if isinstance(e, GenerateDone)]
+    assert sorted(d.variant for d in done) == [0, 1]
+    assert done[0].seed is not None and done[0].seed == done[1].seed, "random sampling needs one shared seed"
+    assert {e.variant for e in events if isinstance(e, TokenDelta)} == {0, 1}
+    with pytest.raises(InvalidArgument, match="needs at least one intervention"):
+        run(drain(service.generate(GenerateInput(PromptInput(text="ab"), compare_unsteered=True))))
+
+
+def test_registry_errors() -> None:
+    from interpgw.core.errors import NotFound
+
+    service = make_service()
+    with pytest.raises(InvalidArgument, match=r"expected \[2, 4\]"):
+        run(service.create_vector("", ["hook_embed", "blocks.0.hook_resid_post"], torch.ones(3, 4)))
+    with pytest.raises(InvalidArgument, match="duplicate hooks"):
+        run(service.create_vector("", ["blocks.1.hook_resid_post", "blocks.-1.hook_resid_post"], torch.ones(2, 4)))
+    record = run(service.create_vector("", ["blocks.-1.hook_resid_post"], torch.ones(4), name="ones"))
+    assert record.hooks == ("blocks.1.hook_resid_post",) and record.model == "fake"
+    assert [r.id for r in run(service.list_vectors())] == [record.id]
+    with pytest.raises(InvalidArgument, match="unknown model"):
+        run(service.list_vectors("other"))
+    assert run(service.delete_vector(record.id)) is True
+    with pytest.raises(NotFound):
+        run(service.delete_vector(record.id))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"corrupted": PromptInput(text="abcdef")}, "same number of tokens"),
+        ({"hook": "hook_nope"}, "unknown patch hook"),
+        ({"metric": "kl"}, "unknown metric"),
+        ({"foil": None}, "needs a foil"),
+        ({"target": "ab"}, "exactly one"),
+        ({"layers": (5,)}, "out of range"),
+    ],
+)
+def test_patch_validation(kwargs: dict, message: str) -> None:
+    from interpgw.core.requests import PatchInput
+
+    request = {"clean": PromptInput(text="abcd"), "corrupted": PromptInput(text="abce"), "target": 3, "foil": 4}
+    with pytest.raises(InvalidArgument, match=message):
+        run(make_service().patch(PatchInput(**(request | kwargs))))

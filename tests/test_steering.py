@@ -356,3 +356,99 @@ def test_patching_grid_equals_transformers_patching(tiny_client, hf_tiny) -> Non
             assert abs(metric[i, j] - expected) < 1e-3, (layer, position)
     full = tiny_client.patch(clean, corrupted, target=" Paris", foil=" Rome", layers=[0], positions="all")
     assert abs(full.clean_metric - full.corrupted_metric) > 1e-3
+
+
+def test_patching_a_factual_pair_shows_the_known_shape(client) -> None:  # noqa: ANN001
+    """Causal tracing (Meng et al., ROME): early-middle layers carry the fact at the subject's last token, late
+    layers at the final token. SmolLM2 (30 layers) moves it between layers 23 and 24 on this pair."""
+    result = client.patch(
+        "The capital of France is the city of",
+        "The capital of Italy is the city of",
+        target=" Paris",
+        foil=" Rome",
+        layers=[0, 5, 10, 15, 20, 27, 29],
+    )
+    subject, final = result.tokens.index(" Italy"), len(result.tokens) - 1
+    restored = np.asarray(result.restored)  # [n_layers, n_positions]
+    assert result.clean_metric > 2 and result.corrupted_metric < -2
+    for row, layer in enumerate(result.layers):
+        best = int(np.argmax(restored[row]))
+        if layer <= 20:
+            assert best == subject and restored[row, subject] > 0.8, (layer, restored[row])
+        else:
+            assert best == final and restored[row, final] > 0.5, (layer, restored[row])
+
+
+# ---------------------------------------------------------------------- CLI and persistence
+
+
+def test_cli_steer_train_list_generate_delete(tiny_gateway, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from test_api import run_cli
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "\n".join(json.dumps({"positive": p, "negative": n}) for p, n in [("good", "bad"), ("happy", "sad")])
+    )
+    out = run_cli(tiny_gateway.address, "steer", "train", "--pairs", str(pairs), "--layers", "1,2", "--name", "cli")
+    assert out.returncode == 0, out.stderr
+    vector_id = out.stdout.split()[0]
+    assert vector_id.startswith("vec_")
+    listed = run_cli(tiny_gateway.address, "steer", "list")
+    assert listed.returncode == 0 and vector_id in listed.stdout and "cli" in listed.stdout
+    steered = run_cli(
+        tiny_gateway.address,
+        "generate",
+        "Hello",
+        "--max-tokens",
+        "4",
+        "--steer",
+        vector_id,
+        "--scale",
+        "2",
+        "--compare",
+    )
+    assert steered.returncode == 0 and "unsteered" in steered.stdout, steered.stderr
+    assert run_cli(tiny_gateway.address, "steer", "delete", vector_id).returncode == 0
+    gone = run_cli(tiny_gateway.address, "steer", "delete", vector_id)
+    assert gone.returncode == 1 and "no steering vector" in gone.stderr
+
+
+def test_vectors_in_redis_survive_a_restart(tiny_llama_dir, redis_args) -> None:  # noqa: ANN001
+    from gateway_process import GatewayProcess
+    from interpgw_client import Client
+    from tiny_models import TINY_SERVER_ARGS
+
+    args = ("--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, *redis_args, "--no-startup-probe")
+    first = GatewayProcess(*args)
+    try:
+        with Client(first.address, timeout=120) as client:
+            created = client.steering.create(random_vector(50).numpy(), ["blocks.2.hook_resid_post"], name="keep")
+            before = client.generate(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True, steer=created.id)
+    finally:
+        first.stop()
+    second = GatewayProcess(*args)
+    try:
+        with Client(second.address, timeout=120) as client:
+            assert created.id in [v.id for v in client.steering.list()]
+            after = client.generate(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True, steer=created.id)
+            assert after.token_ids == before.token_ids
+            client.steering.delete(created.id)
+    finally:
+        second.stop()
+
+
+def test_patching_probability_metric(tiny_client, hf_tiny) -> None:  # noqa: ANN001
+    clean, corrupted = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
+    result = tiny_client.patch(
+        clean, corrupted, target=" Paris", metric="prob", hook="hook_resid_post", layers=[-1], positions="last"
+    )
+    assert result.layers == [TINY_LAYERS - 1]
+    ids_corrupted = tiny_client.trace(corrupted)[0].token_ids
+    expected = torch.softmax(hf_activations(hf_tiny, ids_corrupted)["logits"][-1].double(), 0)[result.target_id]
+    assert abs(result.corrupted_metric - float(expected)) < 1e-5
+    # the last layer's output at the last position is all the unembedding sees: patched, p equals the clean p
+    ids_clean = tiny_client.trace(clean)[0].token_ids
+    clean_p = torch.softmax(hf_activations(hf_tiny, ids_clean)["logits"][-1].double(), 0)[result.target_id]
+    assert abs(float(np.asarray(result.metric)[0, 0]) - float(clean_p)) < 1e-5

@@ -44,7 +44,7 @@ from interpgw.registry.records import VectorRecord, new_vector_id
 from interpgw.registry.store import MemoryVectorStore, VectorStore
 from interpgw.steering.patching import PatchMetric, PatchMetricKind, patch_grid
 from interpgw.steering.resolve import InterventionResolver, PreparedEdit
-from interpgw.steering.training import TrainMethod, contrast_vector
+from interpgw.steering.training import TrainMethod, contrast_vector, mean_over_tokens
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class GatewayService:
         async def reduced(ids: list[int]) -> dict[str, torch.Tensor]:
             positions = (len(ids) - 1,) if request.reduce == "last" else None
             captured = await self.forward(served, ids, (), hooks, positions)
-            return {hook: captured[hook].mean(dim=0) for hook in hooks}  # hook -> [d_model]
+            return {hook: mean_over_tokens(captured[hook]) for hook in hooks}  # hook -> [d_model]
 
         positives = await asyncio.gather(*(reduced(pos) for pos, _ in encoded))
         negatives = await asyncio.gather(*(reduced(neg) for _, neg in encoded))
@@ -535,11 +535,8 @@ class GatewayService:
         return _captured(result, order, served.facts).tensors
 
     async def _reference_mean(self, served: ServedModel, hook: str, prompts: Sequence[PromptInput]) -> torch.Tensor:
-        """Mean of `hook` over the reference prompts' tokens, skipping each prompt's first token.
-
-        The first token is an attention sink in most LMs, with activations orders of magnitude larger than the
-        rest (SmolLM2: ~2e4 against ~10): averaging it in would make the "mean" mostly that one token.
-        """
+        """Mean of `hook` over the reference prompts' tokens, each prompt's first token left out (an attention
+        sink: see `steering.training.mean_over_tokens`)."""
         encoded = []
         for index, prompt in enumerate(prompts):
             try:

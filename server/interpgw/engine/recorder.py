@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from interpgw.core.capture import HookOrder
-from interpgw.core.interventions import EditOrder, apply_edit
+from interpgw.core.interventions import EditOp, EditOrder, apply_edit
 from interpgw.core.positions import RowFilter
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.architectures import ModelModules, locate_modules
@@ -50,7 +50,8 @@ class _RequestCapture:
     order: HookOrder
     req_id: str
     rows: RowFilter  # the rows to record
-    edits: list[tuple[EditOrder, torch.Tensor | None]]  # with each edit's vector [d_model] float32
+    # each edit with its vector [d_model] float32 and, for adds, scale * vector [1, d_model] (made once, used per step)
+    edits: list[tuple[EditOrder, torch.Tensor | None, torch.Tensor | None]]
     positions: list[np.ndarray] = field(default_factory=list)  # one array per step
     chunks: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     error: str | None = None
@@ -190,7 +191,11 @@ class ActivationRecorder:
         data = self._order_fn(req_id)
         if data is not None:
             order = HookOrder.from_extra_args(data)
-            edits = [(edit, edit.vector_tensor()) for edit in order.edits]
+            edits = []
+            for edit in order.edits:
+                vector = edit.vector_tensor()
+                scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
+                edits.append((edit, vector, scaled))
             capture = _RequestCapture(order=order, req_id=req_id, rows=order.capture_rows(), edits=edits)
             self._by_key[order.key] = capture
         self._by_req[req_id] = capture
@@ -268,19 +273,20 @@ class ActivationRecorder:
         add_parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]],
     ) -> None:
         """Place one request's edits of this step: plain adds batch across requests, the rest run in order."""
-        per_hook: dict[str, list[tuple[np.ndarray, EditOrder, torch.Tensor | None]]] = defaultdict(list)
-        for edit, vector in capture.edits:
+        per_hook: dict[str, list[tuple[np.ndarray, EditOrder, torch.Tensor | None, torch.Tensor | None]]]
+        per_hook = defaultdict(list)
+        for edit, vector, scaled in capture.edits:
             keep = edit.rows.mask(step_positions)
             if keep.any():
-                per_hook[edit.hook].append((np.nonzero(keep)[0] + lo, edit, vector))
+                per_hook[edit.hook].append((np.nonzero(keep)[0] + lo, edit, vector, scaled))
         for hook, items in per_hook.items():
             group = edits.setdefault(hook, _EditGroup())
-            if all(edit.is_plain_add for _, edit, _ in items):  # order among adds does not matter
-                for rows, edit, vector in items:
-                    add_parts[hook].append((rows, (edit.scale * vector).unsqueeze(0)))  # [1, d_model]
+            if all(edit.is_plain_add for _, edit, _, _ in items):  # order among adds does not matter
+                for rows, _, _, scaled in items:
+                    add_parts[hook].append((rows, scaled))  # [1, d_model]
                 group.add_owners.append(capture)
             else:
-                for rows, edit, vector in items:
+                for rows, edit, vector, _ in items:
                     group.others.append((torch.from_numpy(rows).to(device), edit, vector, capture))
 
     def _prune(self, live: set[str]) -> None:
