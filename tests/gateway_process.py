@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,8 +27,11 @@ class GatewayProcess:
     def __init__(self, *args: str, startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_url: str | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="interpgw-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        if "--metrics-port" not in args:
+            args = (*args, "--metrics-port", "0")  # a free port: several gateways run at once in the tests
         command = [sys.executable, "-m", "interpgw.serve", "--port", str(self.port), *args]
         self.process = subprocess.Popen(
             command,
@@ -46,11 +50,23 @@ class GatewayProcess:
                     raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
                 try:
                     client.wait_ready(timeout=2.0)
+                    self.metrics_url = self._metrics_url()
                     return
                 except Exception:  # noqa: BLE001 - not up yet
                     time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _metrics_url(self) -> str | None:
+        """From the line `interpgw: metrics on http://HOST:PORT/metrics` the server prints once it is up."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self._log.flush()
+            match = re.search(r"metrics on (http://\S+/metrics)", self.log_path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            time.sleep(0.1)
+        return None
 
     def log_tail(self, n: int = 60) -> str:
         self._log.flush()

@@ -132,7 +132,7 @@ def test_invalid_positions_name_the_valid_forms(positions: object) -> None:
         ({"op": "scale"}, "needs a hook"),
         ({"op": "clamp", "hook": HOOK, "vector": "v", "scale": 2.0}, "takes no scale"),
         ({"op": "mean_ablate", "hook": HOOK}, "needs reference_prompts"),
-        ({"op": "mean_ablate", "hook": HOOK, "reference_prompts": "one prompt"}, "needs reference_prompts"),
+        ({"op": "mean_ablate", "hook": HOOK, "reference_prompts": "one prompt"}, "are lists"),
         ({"op": "zero", "hook": HOOK, "reference_prompts": ["x"]}, "takes no reference_prompts"),
     ],
 )

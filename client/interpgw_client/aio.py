@@ -164,6 +164,8 @@ class AsyncClient:
         add_generation_prompt: bool = True,
         interventions: Sequence[P.InterventionLike] | None = None,
         steer: P.SteerLike | None = None,
+        cache: str = "use",
+        store: bool = False,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
         request = P.build_trace(
@@ -176,11 +178,21 @@ class AsyncClient:
             add_generation_prompt=add_generation_prompt,
             interventions=interventions,
             steer=steer,
+            cache=cache,
+            store=store,
         )
+        return await self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
+
+    async def get_trace(self, handle: str, metadata: Sequence[tuple[str, str]] | None = None) -> P.PromptTrace:
+        """A trace stored with `trace(..., store=True)`, by its handle."""
+        call = self._stub.GetTrace(pb.GetTraceRequest(handle=handle), timeout=self.timeout, metadata=metadata)
+        return (await self._collect_trace(call))[0]
+
+    async def _collect_trace(self, call: Any) -> P.TraceResult:
         assembler = P.TensorAssembler(self.as_torch)
         traces: dict[int, P.PromptTrace] = {}
         try:
-            async for message in self._stub.Trace(request, timeout=self.timeout, metadata=metadata):
+            async for message in call:
                 if message.WhichOneof("event") == "prompt":
                     traces[message.prompt.prompt_index] = P.prompt_trace(message.prompt)
                 else:
@@ -196,7 +208,7 @@ class AsyncClient:
 
     async def patch(
         self,
-        clean: P.PromptLike,
+        clean: P.PromptLike | None,
         corrupted: P.PromptLike,
         *,
         target: int | str,
@@ -207,6 +219,7 @@ class AsyncClient:
         positions: P.PositionsLike = "all",
         model: str = "",
         add_generation_prompt: bool = True,
+        clean_trace: str = "",
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.PatchResult:
         request = P.build_patch(
@@ -220,6 +233,7 @@ class AsyncClient:
             positions=positions,
             model=model,
             add_generation_prompt=add_generation_prompt,
+            clean_trace=clean_trace,
         )
         response = await _unary(self._stub.Patch, request, self.timeout, metadata)
         return P.PatchResult.from_proto(response, self.as_torch)

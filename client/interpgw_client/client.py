@@ -191,6 +191,8 @@ class Client:
         add_generation_prompt: bool = True,
         interventions: Sequence[P.InterventionLike] | None = None,
         steer: P.SteerLike | None = None,
+        cache: str = "use",
+        store: bool = False,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
         """One forward pass over each prompt; activations at `hooks` for the selected `positions`, with the
@@ -205,11 +207,21 @@ class Client:
             add_generation_prompt=add_generation_prompt,
             interventions=interventions,
             steer=steer,
+            cache=cache,
+            store=store,
         )
+        return self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
+
+    def get_trace(self, handle: str, metadata: Sequence[tuple[str, str]] | None = None) -> P.PromptTrace:
+        """A trace stored with `trace(..., store=True)`, by its handle."""
+        call = self._stub.GetTrace(pb.GetTraceRequest(handle=handle), timeout=self.timeout, metadata=metadata)
+        return self._collect_trace(call)[0]
+
+    def _collect_trace(self, call: Any) -> P.TraceResult:
         assembler = P.TensorAssembler(self.as_torch)
         traces: dict[int, P.PromptTrace] = {}
         try:
-            for message in self._stub.Trace(request, timeout=self.timeout, metadata=metadata):
+            for message in call:
                 if message.WhichOneof("event") == "prompt":
                     traces[message.prompt.prompt_index] = P.prompt_trace(message.prompt)
                 else:
@@ -227,7 +239,7 @@ class Client:
 
     def patch(
         self,
-        clean: P.PromptLike,
+        clean: P.PromptLike | None,
         corrupted: P.PromptLike,
         *,
         target: int | str,
@@ -238,6 +250,7 @@ class Client:
         positions: P.PositionsLike = "all",
         model: str = "",
         add_generation_prompt: bool = True,
+        clean_trace: str = "",
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.PatchResult:
         """Patch clean activations into the corrupted run one (layer, position) cell at a time. `metric`:
@@ -253,6 +266,7 @@ class Client:
             positions=positions,
             model=model,
             add_generation_prompt=add_generation_prompt,
+            clean_trace=clean_trace,
         )
         return P.PatchResult.from_proto(_unary(self._stub.Patch, request, self.timeout, metadata), self.as_torch)
 

@@ -88,6 +88,8 @@ class PromptTrace:
     positions: list[int]  # absolute positions of the activation rows
     activations: dict[str, Any] = field(default_factory=dict)  # hook -> array [n_positions, d_model]
     top_logits: TopLogits | None = None
+    cache_hit: bool = False  # served from the gateway's activation cache
+    handle: str = ""  # with store=True: a stored trace's handle (get_trace, reference_traces, clean_trace)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Intervention:
     window: tuple[int | None, int | None] | None = None
     norm_preserving: bool = False
     reference_prompts: Sequence[PromptLike] = ()  # mean_ablate
+    reference_traces: Sequence[str] = ()  # mean_ablate: handles of stored traces holding the hook
 
 
 InterventionLike = Intervention | dict | pb.Intervention
@@ -328,12 +331,15 @@ def build_intervention(x: InterventionLike) -> pb.Intervention:
         if op not in _SCALE_OPS:
             raise ValueError(f"op {op!r} takes no scale (scaled ops: {sorted(_SCALE_OPS)})")
         msg.scale = x.scale
+    if isinstance(x.reference_prompts, str) or isinstance(x.reference_traces, str):
+        raise ValueError("reference_prompts and reference_traces are lists")
     if op == "mean_ablate":
-        if isinstance(x.reference_prompts, str) or not x.reference_prompts:
-            raise ValueError("op 'mean_ablate' needs reference_prompts: a list of prompts to average over")
+        if not x.reference_prompts and not x.reference_traces:
+            raise ValueError("op 'mean_ablate' needs reference_prompts and/or reference_traces to average over")
         msg.reference_prompts.extend(build_prompt(p) for p in x.reference_prompts)
-    elif x.reference_prompts:
-        raise ValueError(f"op {op!r} takes no reference_prompts (only 'mean_ablate' does)")
+        msg.reference_traces.extend(str(h) for h in x.reference_traces)
+    elif x.reference_prompts or x.reference_traces:
+        raise ValueError(f"op {op!r} takes no reference_prompts/reference_traces (only 'mean_ablate' does)")
     return msg
 
 
@@ -419,6 +425,9 @@ def build_generate(
     return request
 
 
+CACHE_MODES = {"use": pb.CACHE_USE, "refresh": pb.CACHE_REFRESH, "bypass": pb.CACHE_BYPASS}
+
+
 def build_trace(
     prompts: PromptLike | Sequence[PromptLike],
     *,
@@ -430,7 +439,11 @@ def build_trace(
     add_generation_prompt: bool,
     interventions: Sequence[InterventionLike] | None = None,
     steer: SteerLike | None = None,
+    cache: str = "use",
+    store: bool = False,
 ) -> pb.TraceRequest:
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {sorted(CACHE_MODES)}, got {cache!r}")
     if isinstance(prompts, str) or (prompts and isinstance(list(prompts)[0], (int, dict))):
         prompts = [prompts]  # type: ignore[list-item]
     request = pb.TraceRequest(
@@ -438,6 +451,8 @@ def build_trace(
         prompts=[build_prompt(p, add_generation_prompt) for p in prompts],  # type: ignore[arg-type]
         top_k_logits=top_k,
         interventions=build_interventions(interventions, steer),
+        cache=CACHE_MODES[cache],
+        store=store,
     )
     spec = build_capture(hooks, positions, False, dtype)
     if spec is not None:
@@ -537,7 +552,7 @@ def _set_token(metric: pb.PatchMetric, role: str, token: int | str) -> None:
 
 
 def build_patch(
-    clean: PromptLike,
+    clean: PromptLike | None,
     corrupted: PromptLike,
     *,
     target: int | str,
@@ -548,7 +563,10 @@ def build_patch(
     positions: PositionsLike,
     model: str,
     add_generation_prompt: bool = True,
+    clean_trace: str = "",
 ) -> pb.PatchRequest:
+    if (clean is None) == (not clean_trace):
+        raise ValueError("give exactly one of clean (a prompt) and clean_trace (a stored trace's handle)")
     if metric not in PATCH_METRICS:
         raise ValueError(f"metric must be one of {sorted(PATCH_METRICS)}, got {metric!r}")
     spec = pb.PatchMetric(kind=PATCH_METRICS[metric])
@@ -559,15 +577,18 @@ def build_patch(
         raise ValueError("metric 'logit_diff' needs a foil token (an id or a one-token string)")
     if layers is not None and _is_index(layers):
         layers = [layers]  # type: ignore[list-item]
-    return pb.PatchRequest(
+    request = pb.PatchRequest(
         model=model,
-        clean=build_prompt(clean, add_generation_prompt),
         corrupted=build_prompt(corrupted, add_generation_prompt),
         hook=hook,
         layers=[operator.index(layer) for layer in layers or ()],  # type: ignore[union-attr]
         positions=build_positions(positions),
         metric=spec,
+        clean_trace=clean_trace,
     )
+    if clean is not None:
+        request.clean.CopyFrom(build_prompt(clean, add_generation_prompt))
+    return request
 
 
 # ---------------------------------------------------------------------- assembling responses
@@ -651,6 +672,8 @@ def prompt_trace(msg: pb.TracePromptResult) -> PromptTrace:
         tokens=list(msg.tokens),
         positions=list(msg.captured_positions),
         top_logits=top,
+        cache_hit=msg.cache_hit,
+        handle=msg.handle,
     )
 
 

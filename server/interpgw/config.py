@@ -32,12 +32,24 @@ class LimitsConfig(BaseModel):
     max_patch_runs: int = Field(8192, description="layers x positions of one Patch call")
 
 
+class CacheConfig(BaseModel):
+    max_bytes: int = Field(1024 * 2**20, description="in-process trace cache budget (Redis: its own maxmemory)")
+    max_entry_bytes: int = Field(256 * 2**20, description="larger traces are not cached")
+    ttl_s: float | None = Field(24 * 3600.0, description="cached traces expire after this (None: never)")
+    stored_ttl_s: float | None = Field(7 * 24 * 3600.0, description="stored traces (handles) expire after this")
+
+
 class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 50051
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
-    redis_url: str | None = Field(None, description="redis://host:port/db for the registry; None: in memory")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db for the registry, the trace cache and stored traces; None: in memory"
+    )
     redis_prefix: str = Field("interpgw:", description="key prefix: deployments sharing one Redis stay apart")
     enable_fault_injection: bool = Field(False, description="test only: honour x-interpgw-fault metadata")
     startup_probe: bool = True
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics HTTP server")
+    metrics_port: int = Field(9464, description="port of /metrics; 0: a free port; -1: no metrics")
+    cache: CacheConfig = CacheConfig()

@@ -6,15 +6,16 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import Any
 
-from interpgw.config import EngineConfig, LimitsConfig, ServerConfig
+from interpgw.config import CacheConfig, EngineConfig, LimitsConfig, ServerConfig
 
 log = logging.getLogger("interpgw")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="interpgw serve", description=__doc__)
-    e, lim = EngineConfig(), LimitsConfig()
+    e, lim, srv = EngineConfig(), LimitsConfig(), ServerConfig()
     parser.add_argument("--model", default=e.model, help="model folder or hub id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-id", default=None, help="id clients use (default: the folder name)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -43,6 +44,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to drain streams on stop")
     parser.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-startup-probe", action="store_true", help="skip the hooks-fire check at start-up")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=srv.metrics_port,
+        help="Prometheus /metrics HTTP port; 0: a free port; -1: off",
+    )
+    parser.add_argument("--cache-max-bytes", type=int, default=CacheConfig().max_bytes, help="in-process cache budget")
+    parser.add_argument("--cache-max-entry-bytes", type=int, default=CacheConfig().max_entry_bytes)
+    parser.add_argument("--cache-ttl", type=float, default=CacheConfig().ttl_s, help="seconds a cached trace lives")
+    parser.add_argument("--stored-trace-ttl", type=float, default=CacheConfig().stored_ttl_s)
+    parser.add_argument("--metrics-host", default=srv.metrics_host, help="address the /metrics server listens on")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -73,6 +85,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         redis_prefix=args.redis_prefix,
         enable_fault_injection=args.enable_fault_injection,
         startup_probe=not args.no_startup_probe,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        cache=CacheConfig(
+            max_bytes=args.cache_max_bytes,
+            max_entry_bytes=args.cache_max_entry_bytes,
+            ttl_s=args.cache_ttl,
+            stored_ttl_s=args.stored_trace_ttl,
+        ),
     )
 
 
@@ -81,19 +101,32 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
 
     from interpgw.core.prompts import PromptEncoder
     from interpgw.engine.vllm_engine import VllmEngine
+    from interpgw.metrics import GatewayMetrics
+    from interpgw.models.fingerprint import weights_fingerprint
     from interpgw.registry.store import open_vector_store
     from interpgw.service import GatewayService, ServedModel
     from interpgw.transport.server import GatewayServer
 
     vectors = open_vector_store(config.redis_url, config.redis_prefix)
     await vectors.ping()  # a wrong --redis-url fails now, not on the first steering request
+    metrics = GatewayMetrics() if config.metrics_port >= 0 else None
+    traces = _trace_repository(config, metrics)
     # Signals are handled from the start: a stop during start-up must not orphan vLLM's engine processes.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    on_stats = None
+    model_label = {"id": config.engine.served_model_id or ""}  # the served id is known once the engine is up
+    if metrics is not None:
+
+        def on_stats(running: int, waiting: int, kv_usage: float) -> None:
+            metrics.engine_stats(model_label["id"], running, waiting, kv_usage)
+
     starting = asyncio.ensure_future(
-        VllmEngine.start(config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe)
+        VllmEngine.start(
+            config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe, on_stats=on_stats
+        )
     )
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -106,14 +139,23 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     stopping.cancel()
     engine = starting.result()
     facts = engine.facts
+    model_label["id"] = facts.id
     tokenizer = AutoTokenizer.from_pretrained(facts.source)
     served = ServedModel(
         engine=engine,
         encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
         max_logprobs=config.engine.max_logprobs,
+        revision=await asyncio.to_thread(weights_fingerprint, facts.source),
     )
-    service = GatewayService([served], config.limits, allow_faults=config.enable_fault_injection, vectors=vectors)
-    server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes)
+    service = GatewayService(
+        [served],
+        config.limits,
+        allow_faults=config.enable_fault_injection,
+        vectors=vectors,
+        traces=traces,
+        metrics=metrics,
+    )
+    server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes, metrics=metrics)
     await server.start()
     log.info(
         "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s",
@@ -128,13 +170,60 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
 
+    poller = None
     try:
+        if metrics is not None:  # after the gRPC server: a taken metrics port still ends the engine (finally)
+            metrics_port = metrics.start_http_server(config.metrics_host, config.metrics_port)
+            host = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
+            print(f"interpgw: metrics on http://{host}:{metrics_port}/metrics", flush=True)
+            poller = asyncio.ensure_future(_poll_hook_stats(engine, metrics, facts.id))
         await stop.wait()
         log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
         await server.stop(shutdown_grace)
     finally:
+        if poller is not None:
+            poller.cancel()
+        if metrics is not None:
+            metrics.stop_http_server()
         await engine.shutdown()
         await vectors.close()
+        await traces.close()
+
+
+async def _poll_hook_stats(engine: Any, metrics: Any, model_id: str, interval_s: float = 5.0) -> None:
+    """Moves the worker's hook statistics into the metrics every few seconds (one small RPC to the worker)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            stats = await engine.hook_stats()
+            metrics.hook_stats(model_id, stats["seconds"], stats["steps"], stats["interventions"], stats["configs"])
+        except Exception:  # noqa: BLE001 - metrics must never take the server down
+            log.warning("reading hook statistics from the engine failed", exc_info=True)
+
+
+def _trace_repository(config: ServerConfig, metrics: Any) -> Any:
+    """The trace cache and stored traces: in Redis when configured, else in process memory."""
+    from interpgw.cache.backends import open_trace_cache
+    from interpgw.cache.traces import TraceRepository
+
+    c = config.cache
+    cache = open_trace_cache(config.redis_url, config.redis_prefix, c.max_bytes, c.max_entry_bytes, c.ttl_s)
+    stored = open_trace_cache(
+        config.redis_url, config.redis_prefix + "stored:", c.max_bytes, c.max_entry_bytes, c.stored_ttl_s
+    )
+    if metrics is not None:
+        backend = "redis" if config.redis_url else "memory"
+        metrics.cache_up(backend, True)
+        on_event = metrics.cache_callback(backend)
+
+        def listener(kind: str, nbytes: int) -> None:
+            on_event(kind, nbytes)
+            if kind in ("hit", "miss", "write", "error"):
+                metrics.cache_up(backend, kind != "error")
+
+        for store in (cache, stored):
+            store.stats.on_event = listener
+    return TraceRepository(cache, stored)
 
 
 def _kill_descendants() -> None:

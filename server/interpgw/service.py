@@ -14,9 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
+from interpgw.cache.backends import MemoryTraceCache
+from interpgw.cache.entries import CachedTrace
+from interpgw.cache.traces import CACHE_MODES, TraceRepository, entry_from, trace_key, traced_from
 from interpgw.config import LimitsConfig
 from interpgw.core.capture import CAPTURE_DTYPES, HookOrder, estimate_capture_bytes
 from interpgw.core.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
@@ -39,7 +43,7 @@ from interpgw.core.requests import (
     TrainVectorInput,
 )
 from interpgw.core.wire import torch_dtype
-from interpgw.engine.base import CaptureResult, Engine, ModelFacts, SamplingOptions
+from interpgw.engine.base import CaptureResult, Engine, EngineStep, ModelFacts, SamplingOptions
 from interpgw.registry.records import VectorRecord, new_vector_id
 from interpgw.registry.store import MemoryVectorStore, VectorStore
 from interpgw.steering.patching import PatchMetric, PatchMetricKind, patch_grid
@@ -56,6 +60,7 @@ class ServedModel:
     engine: Engine
     encoder: PromptEncoder
     max_logprobs: int
+    revision: str = ""  # fingerprint of the weights, part of every cache key
     _unembedding: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -79,6 +84,8 @@ class GatewayService:
         limits: LimitsConfig,
         allow_faults: bool = False,
         vectors: VectorStore | None = None,
+        traces: TraceRepository | None = None,
+        metrics: Any = None,
     ) -> None:
         if not models:
             raise ValueError("a gateway needs at least one model")
@@ -87,8 +94,40 @@ class GatewayService:
         self.limits = limits
         self._allow_faults = allow_faults
         self.vectors: VectorStore = vectors if vectors is not None else MemoryVectorStore()
+        self.traces = traces if traces is not None else TraceRepository(MemoryTraceCache(), MemoryTraceCache())
+        self.metrics = metrics  # interpgw.metrics.GatewayMetrics or None
+        self._queued: dict[str, int] = {}  # per model: requests sent to the engine that have no output yet
 
     # ------------------------------------------------------------------ models
+
+    async def _engine_steps(
+        self,
+        served: ServedModel,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingOptions,
+        order: HookOrder | None,
+    ) -> AsyncIterator[EngineStep]:
+        """The engine's steps for one request, counted as queued until its first step arrives (queue-depth metric)."""
+        model = served.facts.id
+        self._queued[model] = self._queued.get(model, 0) + 1
+        queued = True
+        self._report_queue(model)
+        try:
+            async for step in served.engine.generate(request_id, prompt_ids, sampling, order):
+                if queued:
+                    queued = False
+                    self._queued[model] -= 1
+                    self._report_queue(model)
+                yield step
+        finally:
+            if queued:
+                self._queued[model] -= 1
+                self._report_queue(model)
+
+    def _report_queue(self, model: str) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth(model, self._queued[model])
 
     def list_models(self) -> list[ModelFacts]:
         return [m.facts for m in self._models.values()]
@@ -152,7 +191,7 @@ class GatewayService:
         cached = 0
         collected = False
         try:
-            async for step in served.engine.generate(request_id, prompt_ids, sampling, order):
+            async for step in self._engine_steps(served, request_id, prompt_ids, sampling, order):
                 if step.token_ids or step.text:
                     yield TokenDelta(index=len(output_ids), token_ids=step.token_ids, text=step.text, variant=variant)
                     output_ids.extend(step.token_ids)
@@ -192,6 +231,8 @@ class GatewayService:
             )
         if not 0 <= request.top_k_logits <= served.max_logprobs:
             raise InvalidArgument(f"top_k_logits must be in [0, {served.max_logprobs}], got {request.top_k_logits}")
+        if request.cache not in CACHE_MODES:
+            raise InvalidArgument(f"unknown cache mode {request.cache!r}; valid: {', '.join(CACHE_MODES)}")
         encoded = []
         for index, prompt in enumerate(request.prompts):
             try:
@@ -212,11 +253,37 @@ class GatewayService:
                     raise InvalidArgument(f"prompt {index}: {exc}") from None
             self._check_bytes([o for o in orders if o is not None], served, 1)
         sampling = SamplingOptions(max_tokens=1, temperature=0.0, top_logprobs=request.top_k_logits)
+        facts = served.facts
+        caching = request.cache != "bypass" and not (fault and self._allow_faults)
+        keys = [
+            trace_key(facts.id, served.revision, facts.dtype, ids, orders[i], request.top_k_logits)
+            if caching or request.store
+            else ""
+            for i, ids in enumerate(encoded)
+        ]
 
         async def run_one(index: int) -> TracedPrompt:
+            key = keys[index]
+            if key and caching and request.cache == "use":
+                entry = await self.traces.lookup(key)
+                if entry is not None:
+                    traced = traced_from(entry, index, served.encoder.token_strings(entry.token_ids))
+                    if request.store:
+                        traced.handle = await self.traces.store(key, entry)
+                    return traced
+            traced = await compute(index)
+            if key:
+                entry = entry_from(traced, facts.id)
+                if caching:
+                    await self.traces.remember(key, entry)
+                if request.store:
+                    traced.handle = await self.traces.store(key, entry)
+            return traced
+
+        async def compute(index: int) -> TracedPrompt:
             ids, order = encoded[index], orders[index]
             top: TopLogits | None = None
-            async for step in served.engine.generate(f"trace-{batch}-{index}", ids, sampling, order):
+            async for step in self._engine_steps(served, f"trace-{batch}-{index}", ids, sampling, order):
                 if step.top_logprobs:
                     ranked = step.top_logprobs[0]
                     top = TopLogits(
@@ -250,6 +317,29 @@ class GatewayService:
                 keys = [o.key for o, t in zip(orders, tasks, strict=True) if o is not None and t in pending]
                 _discard_later(served.engine, keys)
 
+    async def get_trace(self, handle: str) -> TracedPrompt:
+        """A stored trace, as Trace returned it (its tokens decoded by the model that made it, when served here)."""
+        entry = await self.traces.fetch(handle)
+        served = self._models.get(str(entry.meta.get("model", "")))
+        tokens = served.encoder.token_strings(entry.token_ids) if served is not None else []
+        return traced_from(entry, 0, tokens, handle=handle)
+
+    async def _stored_activations(self, served: ServedModel, handle: str, hooks: Sequence[str]) -> CachedTrace:
+        """A stored trace of this model holding `hooks` at every position, or INVALID_ARGUMENT saying why not."""
+        entry = await self.traces.fetch(handle)
+        if entry.meta.get("model") != served.facts.id:
+            raise InvalidArgument(
+                f"stored trace {handle} was made with model {entry.meta.get('model')!r}, not {served.facts.id!r}"
+            )
+        missing = [h for h in hooks if h not in entry.tensors]
+        if missing or list(entry.positions) != list(range(len(entry.token_ids))):
+            raise InvalidArgument(
+                f"stored trace {handle} must hold {', '.join(hooks)} at every position "
+                f"(it holds {', '.join(entry.tensors) or 'nothing'} at {len(entry.positions)} of "
+                f"{len(entry.token_ids)} positions)"
+            )
+        return entry
+
     # ------------------------------------------------------------------ steering-vector registry
 
     async def create_vector(
@@ -282,6 +372,7 @@ class GatewayService:
             description=_check_label(description, "description", 4096),
         )
         await self.vectors.put(record)
+        await self._registry_changed()
         return record
 
     async def train_vector(self, request: TrainVectorInput) -> VectorRecord:
@@ -337,6 +428,7 @@ class GatewayService:
             separation=tuple(separation),
         )
         await self.vectors.put(record)
+        await self._registry_changed()
         return record
 
     async def list_vectors(self, model: str = "") -> list[VectorRecord]:
@@ -353,14 +445,24 @@ class GatewayService:
     async def delete_vector(self, vector_id: str) -> bool:
         if not await self.vectors.delete(vector_id):
             raise NotFound(f"no steering vector with id {vector_id!r}")
+        await self._registry_changed()
         return True
+
+    async def _registry_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.registry_size(await self.vectors.count())
 
     # ------------------------------------------------------------------ activation patching
 
     async def patch(self, request: PatchInput) -> PatchOutput:
         served = self.model(request.model)
         facts, encoder = served.facts, served.encoder
-        clean = encoder.encode(request.clean, reserve=1)
+        stored = None
+        if request.clean_trace:
+            stored = await self.traces.fetch(request.clean_trace)  # hooks checked below, once layers are known
+            clean = list(stored.token_ids)
+        else:
+            clean = encoder.encode(request.clean, reserve=1)
         corrupted = encoder.encode(request.corrupted, reserve=1)
         if len(clean) != len(corrupted):
             raise InvalidArgument(
@@ -394,6 +496,12 @@ class GatewayService:
                 f"{self.limits.max_patch_runs}: patch fewer layers or positions"
             )
 
+        clean_acts = None
+        if stored is not None:
+            hooks = [f"blocks.{layer}.{request.hook}" for layer in layers]
+            entry = await self._stored_activations(served, request.clean_trace, hooks)
+            clean_acts = {hook: entry.tensors[hook].float() for hook in hooks}
+
         async def forward(ids, edits, hooks, at):  # noqa: ANN001, ANN202 - patching.Forward
             return await self.forward(served, ids, edits, hooks, at)
 
@@ -406,6 +514,7 @@ class GatewayService:
             positions,
             PatchMetric(kind, target, foil),
             await asyncio.to_thread(served.unembedding),
+            clean_acts,
         )
         return PatchOutput(
             layers=grid.layers,
@@ -496,7 +605,10 @@ class GatewayService:
                 f"{len(specs)} interventions in one request; at most {self.limits.max_interventions} are allowed"
             )
         resolver = InterventionResolver(
-            served.facts, self.limits, self.vectors, lambda hook, prompts: self._reference_mean(served, hook, prompts)
+            served.facts,
+            self.limits,
+            self.vectors,
+            lambda hook, prompts, handles: self._reference_mean(served, hook, prompts, handles),
         )
         return await resolver.prepare(specs)
 
@@ -523,8 +635,8 @@ class GatewayService:
         )
         collected = False
         try:
-            async for _ in served.engine.generate(
-                key, prompt_ids, SamplingOptions(max_tokens=1, temperature=0.0), order
+            async for _ in self._engine_steps(
+                served, key, prompt_ids, SamplingOptions(max_tokens=1, temperature=0.0), order
             ):
                 pass
             result = (await served.engine.collect([key]))[key]
@@ -534,9 +646,11 @@ class GatewayService:
                 _discard_later(served.engine, [key])
         return _captured(result, order, served.facts).tensors
 
-    async def _reference_mean(self, served: ServedModel, hook: str, prompts: Sequence[PromptInput]) -> torch.Tensor:
-        """Mean of `hook` over the reference prompts' tokens, each prompt's first token left out (an attention
-        sink: see `steering.training.mean_over_tokens`)."""
+    async def _reference_mean(
+        self, served: ServedModel, hook: str, prompts: Sequence[PromptInput], handles: Sequence[str] = ()
+    ) -> torch.Tensor:
+        """Mean of `hook` over the reference prompts' and stored traces' tokens, each one's first token left out
+        (an attention sink: see `steering.training.mean_over_tokens`)."""
         encoded = []
         for index, prompt in enumerate(prompts):
             try:
@@ -544,7 +658,10 @@ class GatewayService:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"reference prompt {index}: {exc}") from None
         results = await asyncio.gather(*(self.forward(served, ids, (), (hook,), None) for ids in encoded))
-        rows = [r[hook][1:] if r[hook].shape[0] > 1 else r[hook] for r in results]
+        tensors = [r[hook] for r in results]
+        for handle in handles:
+            tensors.append((await self._stored_activations(served, handle, [hook])).tensors[hook].float())
+        rows = [t[1:] if t.shape[0] > 1 else t for t in tensors]
         return torch.cat(rows).mean(dim=0)  # [d_model]
 
     def _check_bytes(self, orders: list[HookOrder], served: ServedModel, max_new_tokens: int) -> None:

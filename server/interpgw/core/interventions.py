@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from interpgw.core.errors import InvalidArgument
-from interpgw.core.positions import RowFilter
+from interpgw.core.positions import RowFilter, resolve_indices
 
 
 class EditOp(StrEnum):
@@ -58,17 +58,7 @@ class TargetSpec:
         if self.mode is TargetMode.GENERATED:
             positions = ()
         elif self.mode is TargetMode.INDICES:
-            if not self.indices:
-                raise InvalidArgument("target mode INDICES needs at least one index")
-            resolved = set()
-            for index in self.indices:
-                if not -prompt_len <= index < prompt_len:
-                    raise InvalidArgument(
-                        f"target index {index} out of range for a prompt of {prompt_len} tokens: "
-                        f"valid indices are [{-prompt_len}, {prompt_len - 1}]"
-                    )
-                resolved.add(index % prompt_len)
-            positions = tuple(sorted(resolved))
+            positions = resolve_indices(self.indices, prompt_len, "target index")
         elif self.mode is TargetMode.LAST_N:
             if not 1 <= self.n <= prompt_len:
                 raise InvalidArgument(f"target LAST_N needs n in [1, {prompt_len}] (the prompt's length), got {self.n}")
@@ -96,6 +86,7 @@ class InterventionSpec:
     value: float = 0.0
     norm_preserving: bool = False
     reference_prompts: tuple[Any, ...] = ()  # PromptInput, for MEAN_ABLATE
+    reference_traces: tuple[str, ...] = ()  # stored trace handles, for MEAN_ABLATE
 
 
 @dataclass(frozen=True)

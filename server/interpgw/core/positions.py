@@ -30,17 +30,22 @@ class PositionSelector:
             return [prompt_len - 1]
         if self.mode is PositionMode.NONE:
             return []
-        if not self.indices:
-            raise InvalidArgument("position mode INDICES needs at least one index")
-        resolved = set()
-        for index in self.indices:
-            if not -prompt_len <= index < prompt_len:
-                raise InvalidArgument(
-                    f"position {index} out of range for a prompt of {prompt_len} tokens: "
-                    f"valid indices are [{-prompt_len}, {prompt_len - 1}]"
-                )
-            resolved.add(index % prompt_len)
-        return sorted(resolved)
+        return list(resolve_indices(self.indices, prompt_len, "position"))
+
+
+def resolve_indices(indices: tuple[int, ...], prompt_len: int, what: str) -> tuple[int, ...]:
+    """Absolute, sorted, unique prompt indices (negative ones count from the end); InvalidArgument names the range."""
+    if not indices:
+        raise InvalidArgument(f"{what} mode INDICES needs at least one index")
+    resolved = set()
+    for index in indices:
+        if not -prompt_len <= index < prompt_len:
+            raise InvalidArgument(
+                f"{what} {index} out of range for a prompt of {prompt_len} tokens: "
+                f"valid indices are [{-prompt_len}, {prompt_len - 1}]"
+            )
+        resolved.add(index % prompt_len)
+    return tuple(sorted(resolved))
 
 
 @dataclass(frozen=True)

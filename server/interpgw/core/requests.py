@@ -63,6 +63,8 @@ class TraceInput:
     capture: CaptureOptions | None = None
     top_k_logits: int = 0
     interventions: tuple[InterventionSpec, ...] = ()
+    cache: str = "use"  # "use" | "refresh" | "bypass"
+    store: bool = False  # keep each prompt's result under a handle
 
 
 @dataclass
@@ -105,6 +107,8 @@ class TracedPrompt:
     tokens: list[str]
     captured: Captured | None
     top_logits: TopLogits | None
+    cache_hit: bool = False
+    handle: str = ""  # with store: the stored trace's handle
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class PatchInput:
     layers: tuple[int, ...] = ()  # default: every layer
     positions: PositionSelector = field(default_factory=PositionSelector)
     model: str = ""
+    clean_trace: str = ""  # a stored trace's handle, instead of `clean`
 
 
 @dataclass

@@ -19,6 +19,7 @@ the engine core, which would die and take every other request with it.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class _RequestCapture:
     positions: list[np.ndarray] = field(default_factory=list)  # one array per step
     chunks: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     error: str | None = None
+    salt: str = ""  # equal for requests with equal edits (counts distinct steering configurations)
 
     def append(self, hook: str, rows: torch.Tensor, allow_faults: bool) -> None:
         if self.error is not None:
@@ -107,6 +109,24 @@ class _EditGroup:
 
 
 @dataclass
+class HookStats:
+    """What the hooks cost and did since the last read: the gateway polls this for its metrics."""
+
+    seconds: float = 0.0  # time spent planning, recording and editing
+    steps: int = 0  # forward steps that recorded or edited something
+    interventions: list[int] = field(default_factory=list)  # per such step: edits applied (at most 4096 kept)
+    configs: list[int] = field(default_factory=list)  # per such step: distinct edit configurations
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "interventions": self.interventions,
+            "configs": self.configs,
+        }
+
+
+@dataclass
 class _StepPlan:
     captures: dict[str, _HookSelection]
     edits: dict[str, _EditGroup]
@@ -134,6 +154,7 @@ class ActivationRecorder:
         self._steps = 0
         self._pending_pre: torch.Tensor | None = None  # GPT-2 only: resid_pre of the running block
         self.fire_counts: Counter[str] = Counter()
+        self.stats = HookStats()
         self._handles: list[Any] = []
         self._install(model)
 
@@ -196,19 +217,33 @@ class ActivationRecorder:
                 vector = edit.vector_tensor()
                 scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
                 edits.append((edit, vector, scaled))
-            capture = _RequestCapture(order=order, req_id=req_id, rows=order.capture_rows(), edits=edits)
+            capture = _RequestCapture(
+                order=order,
+                req_id=req_id,
+                rows=order.capture_rows(),
+                edits=edits,
+                salt=order.edit_salt() if order.edits else "",
+            )
             self._by_key[order.key] = capture
         self._by_req[req_id] = capture
         return capture
 
+    def take_stats(self) -> HookStats:
+        """The stats since the last call, which starts a new count."""
+        stats, self.stats = self.stats, HookStats()
+        return stats
+
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._plan = None
+        start = time.perf_counter()
         try:
             self._plan = self._build_plan(args, kwargs)
         except Exception:  # noqa: BLE001
             log.exception("building the hook plan failed; this step is neither captured nor edited")
             for capture in self._by_key.values():
                 capture.error = capture.error or "internal error while planning capture"
+        if self._plan is not None:
+            self.stats.seconds += time.perf_counter() - start
 
     def _build_plan(self, args: tuple, kwargs: dict) -> _StepPlan | None:
         layout = self._layout_fn()
@@ -261,6 +296,12 @@ class ActivationRecorder:
                 counts=[len(rows) for _, rows in entries],
             )
         stash = {int(h.split(".")[1]) for h in edits if h.endswith(".hook_resid_mid")}
+        stats = self.stats
+        stats.steps += 1
+        if len(stats.interventions) < 4096:
+            editing = [capture for _, capture in active if capture.edits]
+            stats.interventions.append(sum(len(capture.edits) for capture in editing))
+            stats.configs.append(len({capture.salt for capture in editing}))
         return _StepPlan(captures=selections, edits=edits, stash_layers=stash)
 
     @staticmethod
@@ -309,6 +350,7 @@ class ActivationRecorder:
         group = self._plan.edits.get(hook) if self._plan is not None else None
         if group is None:
             return
+        start = time.perf_counter()
         if group.add_index is not None:
             try:
                 target.index_add_(0, group.add_index, group.add_delta.to(target.dtype))
@@ -328,6 +370,7 @@ class ActivationRecorder:
             except Exception as exc:  # noqa: BLE001
                 log.exception("edit at %s failed", hook)
                 owner.error = owner.error or f"edit at {hook} failed: {exc}"
+        self.stats.seconds += time.perf_counter() - start
 
     def _record(self, hook: str, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Gather the planned rows of one hook point once, then split them between requests."""
@@ -338,6 +381,7 @@ class ActivationRecorder:
         if selection is None:
             return
         self.fire_counts[hook] += 1
+        start = time.perf_counter()
         try:
             rows = compute(selection.index)  # [n_rows, d_model], a fresh copy
             parts = rows.split(selection.counts)
@@ -351,6 +395,7 @@ class ActivationRecorder:
                 capture.append(hook, part, self._allow_faults)
             except Exception as exc:  # noqa: BLE001
                 capture.error = capture.error or f"capture at {hook} failed: {exc}"
+        self.stats.seconds += time.perf_counter() - start
 
     def _visit(self, hook: str, read: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor) -> None:
         """Edit, then record, one hook point whose stream is `read` and whose carrier is `target`."""

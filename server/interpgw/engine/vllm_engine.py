@@ -23,6 +23,7 @@ from interpgw.core.errors import Internal
 from interpgw.core.hookpoints import all_hook_names
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
+from interpgw.engine.stat_logger import EngineStatsCallback, scheduler_stats_logger
 from interpgw.engine.worker_ext import FAULT_INJECTION_ENV
 from interpgw.models.resolve import resolve_model
 
@@ -61,7 +62,14 @@ class VllmEngine:
         self.facts = facts
 
     @classmethod
-    async def start(cls, config: EngineConfig, allow_faults: bool = False, probe: bool = True) -> VllmEngine:
+    async def start(
+        cls,
+        config: EngineConfig,
+        allow_faults: bool = False,
+        probe: bool = True,
+        on_stats: EngineStatsCallback | None = None,
+    ) -> VllmEngine:
+        """`on_stats` receives vLLM's scheduler numbers (running, waiting, KV-cache usage) for the metrics."""
         _set_process_env(allow_faults)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -82,7 +90,8 @@ class VllmEngine:
             seed=config.seed,
             worker_extension_cls=WORKER_EXTENSION,
         )
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        stat_loggers = [scheduler_stats_logger(on_stats)] if on_stats is not None else None
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=stat_loggers)
         await llm.collective_rpc("interpgw_install")
         model_config = llm.model_config
         text_config = model_config.hf_config.get_text_config()
@@ -180,6 +189,10 @@ class VllmEngine:
 
     async def discard(self, keys: list[str]) -> None:
         await self._llm.collective_rpc("interpgw_discard", args=(keys,))
+
+    async def hook_stats(self) -> dict:
+        """Hook time, steps and per-step intervention counts since the last call (`HookStats.to_json`)."""
+        return (await self._llm.collective_rpc("interpgw_stats"))[0]
 
     async def shutdown(self) -> None:
         self._llm.shutdown()

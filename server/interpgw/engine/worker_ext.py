@@ -64,3 +64,7 @@ class InterpWorkerExtension:
 
     def interpgw_discard(self, keys: list[str]) -> None:
         self._interpgw_recorder.discard(keys)
+
+    def interpgw_stats(self) -> dict[str, Any]:
+        """Hook time and per-step intervention counts since the last call (for the gateway's metrics)."""
+        return self._interpgw_recorder.take_stats().to_json()

@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from interpgw.redis_address import describe_redis
 from interpgw.registry.errors import CorruptRecord, RegistryFull, RegistryUnavailable
 from interpgw.registry.records import VectorRecord
 
@@ -68,6 +69,10 @@ class VectorStore(Protocol):
         """Raise RegistryUnavailable if the backing store cannot be reached."""
         ...
 
+    async def count(self) -> int:
+        """How many vectors are stored (cheap: for the registry-size metric)."""
+        ...
+
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
         ...
@@ -107,6 +112,9 @@ class MemoryVectorStore:
     async def ping(self) -> None:
         return None
 
+    async def count(self) -> int:
+        return len(self._records)
+
     async def close(self) -> None:
         self._records.clear()
 
@@ -132,7 +140,7 @@ class RedisVectorStore:
             )
         except ValueError as exc:
             raise ValueError(f"invalid Redis URL for the vector registry: {exc}") from None
-        self._where = _describe_client(self._client)
+        self._where = describe_redis(self._client)
         self._reported_corrupt: set[str] = set()  # ids already logged as corrupt by list()
 
     def _key(self, id: str) -> str:
@@ -214,20 +222,15 @@ class RedisVectorStore:
         async with self._guard("ping"):
             await self._client.ping()
 
+    async def count(self) -> int:
+        async with self._guard("count"):
+            return int(await self._client.zcard(self._index))
+
     async def close(self) -> None:
         await self._client.aclose()
 
     def describe(self) -> str:
         return self._where
-
-
-def _describe_client(client: aioredis.Redis) -> str:
-    """The server address without credentials: "redis://host:port/db" (or unix://path?db=N)."""
-    kwargs = client.connection_pool.connection_kwargs
-    db = kwargs.get("db", 0)
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}?db={db}"
-    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
 
 def open_vector_store(redis_url: str | None, prefix: str = DEFAULT_PREFIX) -> VectorStore:

@@ -67,13 +67,21 @@ async def patch_grid(
     positions: Sequence[int],
     metric: PatchMetric,
     unembedding: torch.Tensor,
+    clean_acts: dict[str, torch.Tensor] | None = None,
 ) -> PatchGrid:
+    """`clean_acts` (hook -> [n_tokens, d_model], e.g. from a stored trace) saves recomputing the clean run's
+    activations; the clean metric then needs only the final norm at the last position."""
     n_tokens = len(corrupted_ids)
     last = (n_tokens - 1,)
     hooks = tuple(f"blocks.{layer}.{hook_kind}" for layer in layers)
-    clean = await forward(clean_ids, (), (*hooks, LN_FINAL), None)
+    if clean_acts is None:
+        clean = await forward(clean_ids, (), (*hooks, LN_FINAL), None)
+        clean_final = clean[LN_FINAL][-1]
+    else:
+        clean = clean_acts
+        clean_final = (await forward(clean_ids, (), (LN_FINAL,), last))[LN_FINAL][0]
     corrupted = await forward(corrupted_ids, (), (LN_FINAL,), last)
-    clean_metric = metric(clean[LN_FINAL][-1], unembedding)
+    clean_metric = metric(clean_final, unembedding)
     corrupted_metric = metric(corrupted[LN_FINAL][0], unembedding)
 
     async def cell(hook: str, position: int) -> float:

@@ -29,8 +29,8 @@ from interpgw.core.interventions import (
 from interpgw.engine.base import ModelFacts
 from interpgw.registry.store import VectorStore
 
-# Mean of one hook's activations over reference prompts: (hook, prompts) -> [d_model] float32
-ReferenceMean = Callable[[str, Sequence[object]], Awaitable[torch.Tensor]]
+# Mean of one hook's activations over reference prompts and stored traces: (hook, prompts, handles) -> [d_model]
+ReferenceMean = Callable[[str, Sequence[object], Sequence[str]], Awaitable[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ class InterventionResolver:
             raise InvalidArgument(f"op {spec.op.value} takes no vector")
         if spec.op is EditOp.MEAN_ABLATE:
             return [await self._mean_ablation(spec)]
-        if spec.reference_prompts:
-            raise InvalidArgument("reference_prompts are for op mean_ablate only")
+        if spec.reference_prompts or spec.reference_traces:
+            raise InvalidArgument("reference_prompts and reference_traces are for op mean_ablate only")
 
         hooks_and_vectors: list[tuple[str, torch.Tensor | None]]
         if spec.vector_id:
@@ -134,11 +134,12 @@ class InterventionResolver:
     async def _mean_ablation(self, spec: InterventionSpec) -> PreparedEdit:
         if not spec.hook:
             raise InvalidArgument("op mean_ablate needs a hook")
-        if not 1 <= len(spec.reference_prompts) <= self._limits.max_reference_prompts:
+        n_refs = len(spec.reference_prompts) + len(spec.reference_traces)
+        if not 1 <= n_refs <= self._limits.max_reference_prompts:
             raise InvalidArgument(
-                f"op mean_ablate needs 1 to {self._limits.max_reference_prompts} reference_prompts, "
-                f"got {len(spec.reference_prompts)}"
+                f"op mean_ablate needs 1 to {self._limits.max_reference_prompts} reference prompts or stored traces, "
+                f"got {n_refs}"
             )
         hook = parse_hook(spec.hook, self._facts.n_layers).name
-        mean = await self._reference_mean(hook, spec.reference_prompts)  # [d_model]
+        mean = await self._reference_mean(hook, spec.reference_prompts, spec.reference_traces)  # [d_model]
         return PreparedEdit(EditOp.SET, hook, spec.target, mean, 1.0, 0.0, spec.norm_preserving)

@@ -21,6 +21,7 @@ from interpgw.core.requests import (
     PatchOutput,
     PromptInput,
     SamplingInput,
+    TracedPrompt,
     TraceInput,
     TrainVectorInput,
 )
@@ -113,7 +114,27 @@ def trace_input(request: pb.TraceRequest) -> TraceInput:
         capture=capture_options(request.capture, request.HasField("capture") and bool(request.capture.hooks)),
         top_k_logits=request.top_k_logits,
         interventions=interventions(request.interventions),
+        cache=_CACHE_MODES.get(request.cache, str(request.cache)),
+        store=request.store,
     )
+
+
+_CACHE_MODES = {pb.CACHE_USE: "use", pb.CACHE_REFRESH: "refresh", pb.CACHE_BYPASS: "bypass"}
+
+
+def trace_prompt_result(traced: TracedPrompt) -> pb.TracePromptResult:
+    result = pb.TracePromptResult(
+        prompt_index=traced.prompt_index,
+        token_ids=traced.token_ids,
+        tokens=traced.tokens,
+        captured_positions=traced.captured.positions if traced.captured else [],
+        cache_hit=traced.cache_hit,
+        handle=traced.handle,
+    )
+    if traced.top_logits is not None:
+        top = traced.top_logits
+        result.top_logits.CopyFrom(pb.TopLogits(token_ids=top.token_ids, logprobs=top.logprobs, tokens=top.tokens))
+    return result
 
 
 # ---------------------------------------------------------------------- tensors from clients
@@ -201,6 +222,7 @@ def intervention(message: pb.Intervention) -> InterventionSpec:
         value=message.value,
         norm_preserving=message.norm_preserving,
         reference_prompts=tuple(prompt_input(p) for p in message.reference_prompts),
+        reference_traces=tuple(message.reference_traces),
     )
 
 
@@ -254,7 +276,7 @@ def patch_input(request: pb.PatchRequest) -> PatchInput:
     metric = request.metric
     target_kind, foil_kind = metric.WhichOneof("target"), metric.WhichOneof("foil")
     return PatchInput(
-        clean=prompt_input(request.clean),
+        clean=prompt_input(request.clean) if request.HasField("clean") else PromptInput(),
         corrupted=prompt_input(request.corrupted),
         metric=_PATCH_METRICS.get(metric.kind, str(metric.kind)),
         target=getattr(metric, target_kind) if target_kind else None,
@@ -263,6 +285,7 @@ def patch_input(request: pb.PatchRequest) -> PatchInput:
         layers=tuple(request.layers),
         positions=capture_positions(request.positions),
         model=request.model,
+        clean_trace=request.clean_trace,
     )
 
 

@@ -1,7 +1,8 @@
-"""One mapping from core errors to gRPC status codes, applied to every RPC."""
+"""One mapping from core errors to gRPC status codes, applied to every RPC, which is also counted and timed."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -10,12 +11,37 @@ from typing import Any
 import grpc
 
 from interpgw.core.errors import GatewayError
+from interpgw.transport.observe import observe
 
 log = logging.getLogger(__name__)
 
 
 def status_code(error: GatewayError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def _error_code(exc: BaseException) -> grpc.StatusCode:
+    return status_code(exc) if isinstance(exc, GatewayError) else grpc.StatusCode.INTERNAL
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a handler passed to `context.abort` itself."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - metrics only
+        code = None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The client went away (its handler was cancelled): by its deadline, or it cancelled."""
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - metrics only
+        remaining = None
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -26,27 +52,53 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = observe(self, name, request)
+        code = grpc.StatusCode.UNKNOWN
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            code = grpc.StatusCode.OK
+            return response
         except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:
+            code = _gone_code(context)
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, never a crash
+            code = _error_code(exc)
             await _abort(context, exc)
+        finally:
+            call.finish(code)
 
     return wrapper
 
 
 def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = observe(self, name, request)
+        code = grpc.StatusCode.UNKNOWN
         try:
             async for item in method(self, request, context):
+                call.message(item)
                 yield item
+            code = grpc.StatusCode.OK
         except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled mid-step, or closed while waiting to send
+            code = _gone_code(context)
             raise
         except Exception as exc:  # noqa: BLE001
+            code = _error_code(exc)
             await _abort(context, exc)
+        finally:
+            call.finish(code)
 
     return wrapper

@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
 from interpgw.transport.servicer import GatewayServicer
 from interpgw.v1 import gateway_pb2, gateway_pb2_grpc
@@ -15,15 +16,23 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 class GatewayServer:
-    def __init__(self, service: GatewayService, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        service: GatewayService,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.service = service
+        self.metrics = metrics
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(options=options)
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(service), self.server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(service, metrics), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

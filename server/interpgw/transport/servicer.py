@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from interpgw.core.requests import GenerateDone, TokenDelta
+from interpgw.core.requests import GenerateDone, TokenDelta, TracedPrompt
+from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
 from interpgw.transport import convert
 from interpgw.transport.errors import streaming, unary
@@ -24,8 +25,9 @@ def _fault(context: grpc.aio.ServicerContext) -> str:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: GatewayService, metrics: GatewayMetrics | None = None) -> None:
         self.service = service
+        self.metrics = metrics  # read by the `unary`/`streaming` decorators; None: not measured
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -71,24 +73,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TraceResponse]:
         async for traced in self.service.trace(convert.trace_input(request), fault=_fault(context)):
-            result = pb.TracePromptResult(
-                prompt_index=traced.prompt_index,
-                token_ids=traced.token_ids,
-                tokens=traced.tokens,
-                captured_positions=traced.captured.positions if traced.captured else [],
-            )
-            if traced.top_logits is not None:
-                result.top_logits.CopyFrom(
-                    pb.TopLogits(
-                        token_ids=traced.top_logits.token_ids,
-                        logprobs=traced.top_logits.logprobs,
-                        tokens=traced.top_logits.tokens,
-                    )
-                )
-            yield pb.TraceResponse(prompt=result)
-            if traced.captured is not None:
-                for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
-                    yield pb.TraceResponse(tensor=chunk)
+            for message in _trace_messages(traced):
+                yield message
+
+    @streaming
+    async def GetTrace(
+        self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TraceResponse]:
+        for message in _trace_messages(await self.service.get_trace(request.handle)):
+            yield message
 
     # ------------------------------------------------------------------ steering-vector registry
 
@@ -123,3 +116,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @unary
     async def Patch(self, request: pb.PatchRequest, context: grpc.aio.ServicerContext):
         return convert.patch_response(await self.service.patch(convert.patch_input(request)))
+
+
+def _trace_messages(traced: TracedPrompt) -> Iterator[pb.TraceResponse]:
+    """One prompt's result, then its tensors in chunks."""
+    yield pb.TraceResponse(prompt=convert.trace_prompt_result(traced))
+    if traced.captured is not None:
+        for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
+            yield pb.TraceResponse(tensor=chunk)
