@@ -416,6 +416,7 @@ def test_deploy_files_use_only_metrics_the_gateway_exports(path: str) -> None:
 
 def test_alert_rules_and_prometheus_config_parse() -> None:
     import yaml  # PyYAML: a dev dependency (pyproject.toml)
+
     rules = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
     alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
     assert {"InterpgwDown", "InterpgwHighErrorRate", "InterpgwGenerateSlow", "InterpgwCacheErrors"} <= set(alerts)

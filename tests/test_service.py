@@ -281,17 +281,21 @@ def test_registry_errors() -> None:
 
     service = make_service()
     with pytest.raises(InvalidArgument, match=r"expected \[2, 4\]"):
-        run(service.create_vector("", ["hook_embed", "blocks.0.hook_resid_post"], torch.ones(3, 4)))
+        run(service.steering.create_vector("", ["hook_embed", "blocks.0.hook_resid_post"], torch.ones(3, 4)))
     with pytest.raises(InvalidArgument, match="duplicate hooks"):
-        run(service.create_vector("", ["blocks.1.hook_resid_post", "blocks.-1.hook_resid_post"], torch.ones(2, 4)))
-    record = run(service.create_vector("", ["blocks.-1.hook_resid_post"], torch.ones(4), name="ones"))
+        run(
+            service.steering.create_vector(
+                "", ["blocks.1.hook_resid_post", "blocks.-1.hook_resid_post"], torch.ones(2, 4)
+            )
+        )
+    record = run(service.steering.create_vector("", ["blocks.-1.hook_resid_post"], torch.ones(4), name="ones"))
     assert record.hooks == ("blocks.1.hook_resid_post",) and record.model == "fake"
-    assert [r.id for r in run(service.list_vectors())] == [record.id]
+    assert [r.id for r in run(service.steering.list_vectors())] == [record.id]
     with pytest.raises(InvalidArgument, match="unknown model"):
-        run(service.list_vectors("other"))
-    assert run(service.delete_vector(record.id)) is True
+        run(service.steering.list_vectors("other"))
+    assert run(service.steering.delete_vector(record.id)) is True
     with pytest.raises(NotFound):
-        run(service.delete_vector(record.id))
+        run(service.steering.delete_vector(record.id))
 
 
 @pytest.mark.parametrize(
@@ -310,4 +314,4 @@ def test_patch_validation(kwargs: dict, message: str) -> None:
 
     request = {"clean": PromptInput(text="abcd"), "corrupted": PromptInput(text="abce"), "target": 3, "foil": 4}
     with pytest.raises(InvalidArgument, match=message):
-        run(make_service().patch(PatchInput(**(request | kwargs))))
+        run(make_service().steering.patch(PatchInput(**(request | kwargs))))

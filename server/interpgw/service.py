@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,32 +22,27 @@ from interpgw.cache.entries import CachedTrace
 from interpgw.cache.traces import CACHE_MODES, TraceRepository, entry_from, trace_key, traced_from
 from interpgw.config import LimitsConfig
 from interpgw.core.capture import CAPTURE_DTYPES, HookOrder, estimate_capture_bytes
-from interpgw.core.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
-from interpgw.core.hookpoints import LAYER_KINDS, all_hook_names, parse_hook, parse_hooks
-from interpgw.core.interventions import EditOrder, check_vector
+from interpgw.core.errors import Internal, InvalidArgument, ResourceExhausted
+from interpgw.core.hookpoints import all_hook_names, parse_hooks
+from interpgw.core.interventions import EditOrder
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
     Captured,
     CaptureOptions,
     GenerateDone,
     GenerateInput,
-    PatchInput,
-    PatchOutput,
     PromptInput,
     SamplingInput,
     TokenDelta,
     TopLogits,
     TracedPrompt,
     TraceInput,
-    TrainVectorInput,
 )
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, Engine, EngineStep, ModelFacts, SamplingOptions
-from interpgw.registry.records import VectorRecord, new_vector_id
 from interpgw.registry.store import MemoryVectorStore, VectorStore
-from interpgw.steering.patching import PatchMetric, PatchMetricKind, patch_grid
+from interpgw.steering.operations import SteeringOperations
 from interpgw.steering.resolve import InterventionResolver, PreparedEdit
-from interpgw.steering.training import TrainMethod, contrast_vector, mean_over_tokens
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +91,7 @@ class GatewayService:
         self.traces = traces if traces is not None else TraceRepository(MemoryTraceCache(), MemoryTraceCache())
         self.metrics = metrics  # interpgw.metrics.GatewayMetrics or None
         self._queued: dict[str, int] = {}  # per model: requests sent to the engine that have no output yet
+        self.steering = SteeringOperations(self)  # registry, training, patching
 
     # ------------------------------------------------------------------ models
 
@@ -324,7 +319,7 @@ class GatewayService:
         tokens = served.encoder.token_strings(entry.token_ids) if served is not None else []
         return traced_from(entry, 0, tokens, handle=handle)
 
-    async def _stored_activations(self, served: ServedModel, handle: str, hooks: Sequence[str]) -> CachedTrace:
+    async def stored_activations(self, served: ServedModel, handle: str, hooks: Sequence[str]) -> CachedTrace:
         """A stored trace of this model holding `hooks` at every position, or INVALID_ARGUMENT saying why not."""
         entry = await self.traces.fetch(handle)
         if entry.meta.get("model") != served.facts.id:
@@ -339,194 +334,6 @@ class GatewayService:
                 f"{len(entry.token_ids)} positions)"
             )
         return entry
-
-    # ------------------------------------------------------------------ steering-vector registry
-
-    async def create_vector(
-        self, model: str, hooks: Sequence[str], tensor: torch.Tensor, name: str = "", description: str = ""
-    ) -> VectorRecord:
-        served = self.model(model)
-        facts = served.facts
-        if not hooks:
-            raise InvalidArgument("a vector needs at least one hook (one per row of its tensor)")
-        names = [parse_hook(h, facts.n_layers).name for h in hooks]
-        if len(set(names)) != len(names):
-            raise InvalidArgument(f"duplicate hooks in {list(hooks)}")
-        if tensor.dim() == 1:
-            tensor = tensor.unsqueeze(0)
-        if tensor.dim() != 2 or tensor.shape[0] != len(names):
-            raise InvalidArgument(
-                f"tensor has shape {list(tensor.shape)}; expected [{len(names)}, {facts.d_model}] (one row per hook)"
-            )
-        rows = torch.stack([check_vector(row, facts.d_model, f"row {i} of the tensor") for i, row in enumerate(tensor)])
-        record = VectorRecord(
-            id=new_vector_id(),
-            model=facts.id,
-            d_model=facts.d_model,
-            hooks=tuple(names),
-            tensor=rows,
-            method="tensor",
-            n_pairs=0,
-            created=time.time(),
-            name=_check_label(name, "name"),
-            description=_check_label(description, "description", 4096),
-        )
-        await self.vectors.put(record)
-        await self._registry_changed()
-        return record
-
-    async def train_vector(self, request: TrainVectorInput) -> VectorRecord:
-        """Contrastive training: trace each pair's prompts through the engine, then CAA / PCA per hook."""
-        served = self.model(request.model)
-        facts = served.facts
-        try:
-            method = TrainMethod(request.method)
-        except ValueError:
-            raise InvalidArgument(f"unknown method {request.method!r}; valid: mean_diff, pca") from None
-        if request.reduce not in ("last", "mean"):
-            raise InvalidArgument(f"unknown reduce {request.reduce!r}; valid: last, mean")
-        if not 1 <= len(request.pairs) <= self.limits.max_train_pairs:
-            raise InvalidArgument(f"training needs 1 to {self.limits.max_train_pairs} pairs, got {len(request.pairs)}")
-        if method is TrainMethod.PCA and len(request.pairs) < 2:
-            raise InvalidArgument("method pca needs at least 2 pairs")
-        names = request.hooks or tuple(f"blocks.{layer}.hook_resid_post" for layer in range(facts.n_layers))
-        hooks = tuple(h.name for h in parse_hooks(list(names), facts.n_layers))
-        encoded = []
-        for index, pair in enumerate(request.pairs):
-            try:
-                encoded.append(
-                    (served.encoder.encode(pair.positive, reserve=1), served.encoder.encode(pair.negative, reserve=1))
-                )
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"pair {index}: {exc}") from None
-
-        async def reduced(ids: list[int]) -> dict[str, torch.Tensor]:
-            positions = (len(ids) - 1,) if request.reduce == "last" else None
-            captured = await self.forward(served, ids, (), hooks, positions)
-            return {hook: mean_over_tokens(captured[hook]) for hook in hooks}  # hook -> [d_model]
-
-        positives = await asyncio.gather(*(reduced(pos) for pos, _ in encoded))
-        negatives = await asyncio.gather(*(reduced(neg) for _, neg in encoded))
-        rows, separation = [], []
-        for hook in hooks:
-            vector, sep = contrast_vector(
-                torch.stack([p[hook] for p in positives]), torch.stack([n[hook] for n in negatives]), method
-            )
-            rows.append(vector)
-            separation.append(sep)
-        record = VectorRecord(
-            id=new_vector_id(),
-            model=facts.id,
-            d_model=facts.d_model,
-            hooks=hooks,
-            tensor=torch.stack(rows),
-            method=method.value,
-            n_pairs=len(encoded),
-            created=time.time(),
-            name=_check_label(request.name, "name"),
-            description=_check_label(request.description, "description", 4096),
-            separation=tuple(separation),
-        )
-        await self.vectors.put(record)
-        await self._registry_changed()
-        return record
-
-    async def list_vectors(self, model: str = "") -> list[VectorRecord]:
-        if model:
-            self.model(model)  # unknown model: INVALID_ARGUMENT rather than an empty list
-        return await self.vectors.list(model or None)
-
-    async def get_vector(self, vector_id: str) -> VectorRecord:
-        record = await self.vectors.get(vector_id) if vector_id else None
-        if record is None:
-            raise NotFound(f"no steering vector with id {vector_id!r}")
-        return record
-
-    async def delete_vector(self, vector_id: str) -> bool:
-        if not await self.vectors.delete(vector_id):
-            raise NotFound(f"no steering vector with id {vector_id!r}")
-        await self._registry_changed()
-        return True
-
-    async def _registry_changed(self) -> None:
-        if self.metrics is not None:
-            self.metrics.registry_size(await self.vectors.count())
-
-    # ------------------------------------------------------------------ activation patching
-
-    async def patch(self, request: PatchInput) -> PatchOutput:
-        served = self.model(request.model)
-        facts, encoder = served.facts, served.encoder
-        stored = None
-        if request.clean_trace:
-            stored = await self.traces.fetch(request.clean_trace)  # hooks checked below, once layers are known
-            clean = list(stored.token_ids)
-        else:
-            clean = encoder.encode(request.clean, reserve=1)
-        corrupted = encoder.encode(request.corrupted, reserve=1)
-        if len(clean) != len(corrupted):
-            raise InvalidArgument(
-                f"clean and corrupted prompts must have the same number of tokens ({len(clean)} != {len(corrupted)})"
-            )
-        if request.hook not in LAYER_KINDS:
-            raise InvalidArgument(f"unknown patch hook {request.hook!r}; valid: {', '.join(LAYER_KINDS)}")
-        try:
-            kind = PatchMetricKind(request.metric)
-        except ValueError:
-            raise InvalidArgument(f"unknown metric {request.metric!r}; valid: logit_diff, prob") from None
-        if request.target is None:
-            raise InvalidArgument("the metric needs a target token")
-        target = encoder.single_token(request.target, "target")
-        foil = None
-        if kind is PatchMetricKind.LOGIT_DIFF:
-            if request.foil is None:
-                raise InvalidArgument("metric logit_diff needs a foil token")
-            foil = encoder.single_token(request.foil, "foil")
-        layers = sorted(
-            {parse_hook(f"blocks.{layer}.{request.hook}", facts.n_layers).layer for layer in request.layers}
-        )
-        layers = layers or list(range(facts.n_layers))
-        positions = request.positions.resolve(len(corrupted))
-        if not positions:
-            raise InvalidArgument("patching needs at least one position")
-        runs = len(layers) * len(positions)
-        if runs > self.limits.max_patch_runs:
-            raise ResourceExhausted(
-                f"{len(layers)} layers x {len(positions)} positions = {runs} runs; the limit is "
-                f"{self.limits.max_patch_runs}: patch fewer layers or positions"
-            )
-
-        clean_acts = None
-        if stored is not None:
-            hooks = [f"blocks.{layer}.{request.hook}" for layer in layers]
-            entry = await self._stored_activations(served, request.clean_trace, hooks)
-            clean_acts = {hook: entry.tensors[hook].float() for hook in hooks}
-
-        async def forward(ids, edits, hooks, at):  # noqa: ANN001, ANN202 - patching.Forward
-            return await self.forward(served, ids, edits, hooks, at)
-
-        grid = await patch_grid(
-            forward,
-            clean,
-            corrupted,
-            request.hook,
-            layers,
-            positions,
-            PatchMetric(kind, target, foil),
-            await asyncio.to_thread(served.unembedding),
-            clean_acts,
-        )
-        return PatchOutput(
-            layers=grid.layers,
-            positions=grid.positions,
-            tokens=encoder.token_strings(corrupted),
-            metric=grid.metric,
-            restored=grid.restored,
-            clean_metric=grid.clean_metric,
-            corrupted_metric=grid.corrupted_metric,
-            target_id=target,
-            foil_id=foil,
-        )
 
     # ------------------------------------------------------------------ validation
 
@@ -660,7 +467,7 @@ class GatewayService:
         results = await asyncio.gather(*(self.forward(served, ids, (), (hook,), None) for ids in encoded))
         tensors = [r[hook] for r in results]
         for handle in handles:
-            tensors.append((await self._stored_activations(served, handle, [hook])).tensors[hook].float())
+            tensors.append((await self.stored_activations(served, handle, [hook])).tensors[hook].float())
         rows = [t[1:] if t.shape[0] > 1 else t for t in tensors]
         return torch.cat(rows).mean(dim=0)  # [d_model]
 
@@ -686,12 +493,6 @@ def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Cap
             tensor = torch.empty((0, facts.d_model), dtype=dtype)
         tensors[hook] = tensor
     return Captured(positions=result.positions, tensors=tensors)
-
-
-def _check_label(text: str, what: str, limit: int = 256) -> str:
-    if len(text) > limit:
-        raise InvalidArgument(f"{what} is {len(text)} characters; at most {limit} are allowed")
-    return text
 
 
 def _discard_later(engine: Engine, keys: list[str]) -> None:

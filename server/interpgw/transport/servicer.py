@@ -88,34 +88,34 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @unary
     async def CreateVector(self, request: pb.CreateVectorRequest, context: grpc.aio.ServicerContext):
         tensor = convert.tensor_from_proto(request.tensor, "tensor")
-        record = await self.service.create_vector(
+        record = await self.service.steering.create_vector(
             request.model, list(request.hooks), tensor, request.name, request.description
         )
         return convert.steering_vector(record)
 
     @unary
     async def TrainVector(self, request: pb.TrainVectorRequest, context: grpc.aio.ServicerContext):
-        record = await self.service.train_vector(convert.train_vector_input(request))
+        record = await self.service.steering.train_vector(convert.train_vector_input(request))
         return convert.steering_vector(record)
 
     @unary
     async def ListVectors(self, request: pb.ListVectorsRequest, context: grpc.aio.ServicerContext):
-        records = await self.service.list_vectors(request.model)
+        records = await self.service.steering.list_vectors(request.model)
         return pb.ListVectorsResponse(vectors=[convert.steering_vector(r, with_tensor=False) for r in records])
 
     @unary
     async def GetVector(self, request: pb.GetVectorRequest, context: grpc.aio.ServicerContext):
-        return convert.steering_vector(await self.service.get_vector(request.id))
+        return convert.steering_vector(await self.service.steering.get_vector(request.id))
 
     @unary
     async def DeleteVector(self, request: pb.DeleteVectorRequest, context: grpc.aio.ServicerContext):
-        return pb.DeleteVectorResponse(deleted=await self.service.delete_vector(request.id))
+        return pb.DeleteVectorResponse(deleted=await self.service.steering.delete_vector(request.id))
 
     # ------------------------------------------------------------------ patching
 
     @unary
     async def Patch(self, request: pb.PatchRequest, context: grpc.aio.ServicerContext):
-        return convert.patch_response(await self.service.patch(convert.patch_input(request)))
+        return convert.patch_response(await self.service.steering.patch(convert.patch_input(request)))
 
 
 def _trace_messages(traced: TracedPrompt) -> Iterator[pb.TraceResponse]:
