@@ -36,7 +36,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-trace-prompts", type=int, default=lim.max_trace_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
     parser.add_argument(
-        "--redis-url", default=None, help="redis://host:port/db: keeps steering vectors across restarts and replicas"
+        "--redis-url",
+        default=None,
+        help="redis://host:port/db: steering vectors, the trace cache and stored traces survive restarts and are "
+        "shared by replicas (default: all in process memory)",
     )
     parser.add_argument("--redis-prefix", default="interpgw:", help="key prefix in Redis")
     parser.add_argument("--max-interventions", type=int, default=lim.max_interventions)
@@ -51,9 +54,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="Prometheus /metrics HTTP port; 0: a free port; -1: off",
     )
     parser.add_argument("--cache-max-bytes", type=int, default=CacheConfig().max_bytes, help="in-process cache budget")
-    parser.add_argument("--cache-max-entry-bytes", type=int, default=CacheConfig().max_entry_bytes)
+    parser.add_argument(
+        "--cache-max-entry-bytes", type=int, default=CacheConfig().max_entry_bytes, help="larger traces are not cached"
+    )
     parser.add_argument("--cache-ttl", type=float, default=CacheConfig().ttl_s, help="seconds a cached trace lives")
-    parser.add_argument("--stored-trace-ttl", type=float, default=CacheConfig().stored_ttl_s)
+    parser.add_argument(
+        "--stored-trace-ttl", type=float, default=CacheConfig().stored_ttl_s, help="seconds a stored trace lives"
+    )
     parser.add_argument("--metrics-host", default=srv.metrics_host, help="address the /metrics server listens on")
     parser.add_argument("--log-level", default="INFO")
     return parser
