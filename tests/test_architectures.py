@@ -69,3 +69,44 @@ def test_every_hook_point_matches_hf(family) -> None:  # noqa: ANN001
         for hook in info.hook_points:
             diff = float((trace.activations[hook] - reference[hook]).abs().max())
             assert diff < 1e-4, f"{name} {hook}: {diff:.3g}"
+
+
+def test_edits_match_hf_with_the_same_edits(family) -> None:  # noqa: ANN001
+    """Several ops at once, at hook points whose edits take different paths in each layer layout."""
+    from interpgw_client import Intervention
+
+    name, hf, gateway = family
+    gen = torch.Generator().manual_seed(5)
+    v = {k: torch.randn(128, generator=gen) * 3 for k in ("add", "proj", "clamp")}
+    unit = {k: t / t.norm() for k, t in v.items()}
+    interventions = [
+        Intervention("project_out", "blocks.0.hook_resid_pre", v["proj"]),
+        Intervention("zero", "blocks.0.hook_attn_out", positions=[-1]),
+        Intervention("scale", "blocks.1.hook_mlp_out", scale=0.5),
+        Intervention("add", "blocks.1.hook_resid_post", v["add"], scale=2.0),
+        Intervention("clamp", "blocks.2.hook_resid_mid", v["clamp"], value=-3.0),
+    ]
+
+    def last_zeroed(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[-1] = 0
+        return x
+
+    edits = {
+        "blocks.0.hook_resid_pre": lambda x: x - (x @ unit["proj"])[:, None] * unit["proj"],
+        "blocks.0.hook_attn_out": last_zeroed,
+        "blocks.1.hook_mlp_out": lambda x: 0.5 * x,
+        "blocks.1.hook_resid_post": lambda x: x + 2.0 * v["add"],
+        "blocks.2.hook_resid_mid": lambda x: x + (-3.0 - x @ unit["clamp"])[:, None] * unit["clamp"],
+    }
+    with Client(gateway.address, as_torch=True, timeout=300) as client:
+        hooks = client.model_info().hook_points
+        trace = client.trace("A prompt for the edited forward pass, long enough to chunk. " * 3, hooks,
+                             interventions=interventions)[0]  # fmt: skip
+    reference = hf_activations(hf, trace.token_ids, edits=edits)
+    for hook in hooks:
+        if hook == "blocks.2.hook_attn_out":
+            continue  # the reference edits resid_mid through attn_out (see reference.edit_hooks)
+        diff = float((trace.activations[hook] - reference[hook]).abs().max())
+        assert diff < 1e-4, f"{name} {hook}: {diff:.3g}"
+    assert float((trace.activations["blocks.0.hook_resid_pre"] @ unit["proj"]).abs().max()) < 1e-4

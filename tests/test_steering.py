@@ -198,17 +198,21 @@ def test_steering_does_not_leak_through_the_prefix_cache(tiny_client) -> None:  
 
 def test_compare_unsteered_streams_both_with_the_same_seed(tiny_client) -> None:  # noqa: ANN001
     steer = {"vector": random_vector(9).numpy(), "hook": "blocks.2.hook_resid_post", "scale": 3.0}
-    stream = tiny_client.generate_stream(
-        PROMPTS[3], max_tokens=12, temperature=0.8, steer=steer, compare_unsteered=True
-    )
+    capture = {"capture": "blocks.3.hook_resid_post", "capture_generated": True, "capture_dtype": "float32"}
+    kwargs = dict(max_tokens=12, temperature=0.8, ignore_eos=True, **capture)
+    stream = tiny_client.generate_stream(PROMPTS[3], steer=steer, compare_unsteered=True, **kwargs)
     variants = {event.variant for event in stream}
     result = stream.result
     assert variants == {0, 1} and result.baseline is not None and result.seed is not None
-    plain = tiny_client.generate(PROMPTS[3], max_tokens=12, temperature=0.8, seed=result.seed)
-    steered = tiny_client.generate(PROMPTS[3], max_tokens=12, temperature=0.8, seed=result.seed, steer=steer)
+    plain = tiny_client.generate(PROMPTS[3], seed=result.seed, **kwargs)
+    steered = tiny_client.generate(PROMPTS[3], seed=result.seed, steer=steer, **kwargs)
     assert result.baseline.token_ids == plain.token_ids
     assert result.token_ids == steered.token_ids
     assert result.token_ids != plain.token_ids
+    # each variant's captured activations come back with it
+    hook = "blocks.3.hook_resid_post"
+    assert float((result.activations[hook] - steered.activations[hook]).abs().max()) < 1e-4
+    assert float((result.baseline.activations[hook] - plain.activations[hook]).abs().max()) < 1e-4
 
 
 # ---------------------------------------------------------------------- registry and training
