@@ -165,7 +165,7 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes, metrics=metrics)
     await server.start()
     log.info(
-        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s",
+        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s; traces in %s",
         facts.id,
         facts.architecture,
         facts.n_layers,
@@ -174,6 +174,7 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         config.host,
         server.port,
         vectors.describe(),
+        traces.describe(),
     )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
 

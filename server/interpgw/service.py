@@ -43,6 +43,7 @@ from interpgw.engine.base import CaptureResult, Engine, EngineStep, ModelFacts, 
 from interpgw.registry.store import MemoryVectorStore, VectorStore
 from interpgw.steering.operations import SteeringOperations
 from interpgw.steering.resolve import InterventionResolver, PreparedEdit
+from interpgw.steering.training import without_sink
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class GatewayService:
                 prompt_token_ids=prompt_ids,
                 output_token_ids=output_ids,
                 text="".join(text),
-                captured=captured if order is not None and order.hooks else None,
+                captured=captured,
                 cached_prompt_tokens=cached,
                 variant=variant,
                 seed=sampling.seed,
@@ -228,12 +229,7 @@ class GatewayService:
             raise InvalidArgument(f"top_k_logits must be in [0, {served.max_logprobs}], got {request.top_k_logits}")
         if request.cache not in CACHE_MODES:
             raise InvalidArgument(f"unknown cache mode {request.cache!r}; valid: {', '.join(CACHE_MODES)}")
-        encoded = []
-        for index, prompt in enumerate(request.prompts):
-            try:
-                encoded.append(served.encoder.encode(prompt, reserve=1))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"prompt {index}: {exc}") from None
+        encoded = served.encoder.encode_each(request.prompts)
         batch = uuid.uuid4().hex
         orders: list[HookOrder | None] = [None] * len(encoded)
         hooks = self._hooks(request.capture, served) if request.capture is not None else ()
@@ -289,8 +285,6 @@ class GatewayService:
             captured = None
             if order is not None:
                 captured = _captured((await served.engine.collect([order.key]))[order.key], order, served.facts)
-                if not order.hooks:
-                    captured = None
             return TracedPrompt(
                 prompt_index=index,
                 token_ids=ids,
@@ -451,24 +445,20 @@ class GatewayService:
         finally:
             if not collected:
                 _discard_later(served.engine, [key])
-        return _captured(result, order, served.facts).tensors
+        captured = _captured(result, order, served.facts)
+        return captured.tensors if captured is not None else {}
 
     async def _reference_mean(
         self, served: ServedModel, hook: str, prompts: Sequence[PromptInput], handles: Sequence[str] = ()
     ) -> torch.Tensor:
         """Mean of `hook` over the reference prompts' and stored traces' tokens, each one's first token left out
-        (an attention sink: see `steering.training.mean_over_tokens`)."""
-        encoded = []
-        for index, prompt in enumerate(prompts):
-            try:
-                encoded.append(served.encoder.encode(prompt, reserve=1))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"reference prompt {index}: {exc}") from None
+        (an attention sink: see `steering.training.without_sink`)."""
+        encoded = served.encoder.encode_each(prompts, "reference prompt")
         results = await asyncio.gather(*(self.forward(served, ids, (), (hook,), None) for ids in encoded))
         tensors = [r[hook] for r in results]
         for handle in handles:
             tensors.append((await self.stored_activations(served, handle, [hook])).tensors[hook].float())
-        rows = [t[1:] if t.shape[0] > 1 else t for t in tensors]
+        rows = [without_sink(t) for t in tensors]
         return torch.cat(rows).mean(dim=0)  # [d_model]
 
     def _check_bytes(self, orders: list[HookOrder], served: ServedModel, max_new_tokens: int) -> None:
@@ -481,10 +471,13 @@ class GatewayService:
             )
 
 
-def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Captured:
-    """Every requested hook gets a [n_positions, d_model] tensor, also when no position was selected."""
+def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Captured | None:
+    """Every requested hook gets a [n_positions, d_model] tensor, also when no position was selected; None when
+    the order only edits. A failed capture or edit fails this request (and only this one)."""
     if result.error:
         raise Internal(f"activation capture failed for this request (others are unaffected): {result.error}")
+    if not order.hooks:
+        return None
     tensors = {}
     dtype = torch_dtype(order.dtype or facts.dtype)
     for hook in order.hooks:

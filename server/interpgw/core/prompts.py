@@ -6,6 +6,7 @@ engine: positions, byte budgets and context limits are all checked up front.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from interpgw.core.errors import InvalidArgument
@@ -46,6 +47,16 @@ class PromptEncoder:
                 f"is {self.max_model_len} tokens"
             )
         return ids
+
+    def encode_each(self, prompts: Sequence[PromptInput], what: str = "prompt", reserve: int = 1) -> list[list[int]]:
+        """Token ids of several prompts; an error names which one ("prompt 3: ...")."""
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            try:
+                encoded.append(self.encode(prompt, reserve=reserve))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{what} {index}: {exc}") from None
+        return encoded
 
     def _encode_chat(self, prompt: PromptInput) -> list[int]:
         turns = prompt.chat or ()

@@ -17,6 +17,7 @@ from interpgw.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from interpgw.core.hookpoints import LAYER_KINDS, parse_hook, parse_hooks
 from interpgw.core.interventions import check_vector
 from interpgw.core.requests import PatchInput, PatchOutput, TrainVectorInput
+from interpgw.engine.base import ModelFacts
 from interpgw.registry.records import VectorRecord, new_vector_id
 from interpgw.steering.patching import PatchMetric, PatchMetricKind, patch_grid
 from interpgw.steering.training import TrainMethod, contrast_vector, mean_over_tokens
@@ -48,21 +49,7 @@ class SteeringOperations:
                 f"tensor has shape {list(tensor.shape)}; expected [{len(names)}, {facts.d_model}] (one row per hook)"
             )
         rows = torch.stack([check_vector(row, facts.d_model, f"row {i} of the tensor") for i, row in enumerate(tensor)])
-        record = VectorRecord(
-            id=new_vector_id(),
-            model=facts.id,
-            d_model=facts.d_model,
-            hooks=tuple(names),
-            tensor=rows,
-            method="tensor",
-            n_pairs=0,
-            created=time.time(),
-            name=_check_label(name, "name"),
-            description=_check_label(description, "description", 4096),
-        )
-        await self._gateway.vectors.put(record)
-        await self._registry_changed()
-        return record
+        return await self._save(facts, tuple(names), rows, "tensor", 0, name, description)
 
     async def train_vector(self, request: TrainVectorInput) -> VectorRecord:
         """Contrastive training: trace each pair's prompts through the engine, then CAA / PCA per hook."""
@@ -82,22 +69,16 @@ class SteeringOperations:
             raise InvalidArgument("method pca needs at least 2 pairs")
         names = request.hooks or tuple(f"blocks.{layer}.hook_resid_post" for layer in range(facts.n_layers))
         hooks = tuple(h.name for h in parse_hooks(list(names), facts.n_layers))
-        encoded = []
-        for index, pair in enumerate(request.pairs):
-            try:
-                encoded.append(
-                    (served.encoder.encode(pair.positive, reserve=1), served.encoder.encode(pair.negative, reserve=1))
-                )
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"pair {index}: {exc}") from None
+        positive_ids = served.encoder.encode_each([pair.positive for pair in request.pairs], "positive prompt of pair")
+        negative_ids = served.encoder.encode_each([pair.negative for pair in request.pairs], "negative prompt of pair")
 
         async def reduced(ids: list[int]) -> dict[str, torch.Tensor]:
             positions = (len(ids) - 1,) if request.reduce == "last" else None
             captured = await self._gateway.forward(served, ids, (), hooks, positions)
             return {hook: mean_over_tokens(captured[hook]) for hook in hooks}  # hook -> [d_model]
 
-        positives = await asyncio.gather(*(reduced(pos) for pos, _ in encoded))
-        negatives = await asyncio.gather(*(reduced(neg) for _, neg in encoded))
+        positives = await asyncio.gather(*(reduced(ids) for ids in positive_ids))
+        negatives = await asyncio.gather(*(reduced(ids) for ids in negative_ids))
         rows, separation = [], []
         for hook in hooks:
             vector, sep = contrast_vector(
@@ -105,18 +86,41 @@ class SteeringOperations:
             )
             rows.append(vector)
             separation.append(sep)
+        return await self._save(
+            facts,
+            hooks,
+            torch.stack(rows),
+            method.value,
+            len(request.pairs),
+            request.name,
+            request.description,
+            tuple(separation),
+        )
+
+    async def _save(
+        self,
+        facts: ModelFacts,
+        hooks: tuple[str, ...],
+        tensor: torch.Tensor,  # [len(hooks), d_model]
+        method: str,
+        n_pairs: int,
+        name: str,
+        description: str,
+        separation: tuple[float, ...] = (),
+    ) -> VectorRecord:
+        """A new registry record for this model, stored."""
         record = VectorRecord(
             id=new_vector_id(),
             model=facts.id,
             d_model=facts.d_model,
             hooks=hooks,
-            tensor=torch.stack(rows),
-            method=method.value,
-            n_pairs=len(encoded),
+            tensor=tensor,
+            method=method,
+            n_pairs=n_pairs,
             created=time.time(),
-            name=_check_label(request.name, "name"),
-            description=_check_label(request.description, "description", 4096),
-            separation=tuple(separation),
+            name=_check_label(name, "name"),
+            description=_check_label(description, "description", 4096),
+            separation=separation,
         )
         await self._gateway.vectors.put(record)
         await self._registry_changed()

@@ -10,15 +10,20 @@ from enum import StrEnum
 import torch
 
 
-def mean_over_tokens(acts: torch.Tensor) -> torch.Tensor:
-    """Mean of a prompt's token activations `[n_tokens, d_model]` -> `[d_model]`, its first token left out.
+def without_sink(acts: torch.Tensor) -> torch.Tensor:
+    """A prompt's token activations `[n_tokens, d_model]` without its first token (unless it is the only one).
 
     The first token is an attention sink in most LMs, with activations orders of magnitude larger than the rest
     (SmolLM2: ~2e4 against ~10 in one channel, from layer ~10 on). Averaged in, it dominates the mean; a
     steering vector trained that way mostly moves that channel and wrecks generation (measured: gibberish at
-    layers 12 and 16 of SmolLM2, see docs/steering.md).
+    layers 12 and 16 of SmolLM2, see docs/steering.md). Token means for training and mean ablation use this.
     """
-    return acts[1:].mean(dim=0) if acts.shape[0] > 1 else acts[0]
+    return acts[1:] if acts.shape[0] > 1 else acts
+
+
+def mean_over_tokens(acts: torch.Tensor) -> torch.Tensor:
+    """Mean of a prompt's token activations `[n_tokens, d_model]` -> `[d_model]`, its first token left out."""
+    return without_sink(acts).mean(dim=0)
 
 
 class TrainMethod(StrEnum):
