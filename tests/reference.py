@@ -136,3 +136,34 @@ def hf_greedy(model, token_ids: list[int], max_new_tokens: int, edits: dict | No
         for handle in handles:
             handle.remove()
     return ids[len(token_ids) :]
+
+
+@torch.no_grad()
+def hf_token_signals(model, prompt_ids: list[int], output_ids: list[int], lens_layers: list[int]) -> list[dict]:  # noqa: ANN001
+    """Per generated token: entropy, logprob, rank, margin and the logit lens (KL(final || lens), top-1) at
+    `lens_layers`' resid_post through HF's final norm and lm_head, all from the forward that chose the token."""
+    acts = hf_activations(model, prompt_ids + output_ids)
+    gpt2 = hasattr(model, "transformer")
+    norm = model.transformer.ln_f if gpt2 else model.model.norm
+    out = []
+    for i, token in enumerate(output_ids):
+        row = len(prompt_ids) - 1 + i
+        final = torch.log_softmax(acts["logits"][row], dim=-1)
+        top2 = final.topk(2).values
+        lens_kl, lens_top1 = [], []
+        for layer in lens_layers:
+            lens = torch.log_softmax(model.lm_head(norm(acts[f"blocks.{layer}.hook_resid_post"][row])).float(), dim=-1)
+            lens_kl.append(float((final.exp() * (final - lens)).sum()))
+            lens_top1.append(int(lens.argmax()))
+        out.append(
+            {
+                "entropy": float(-(final.exp() * final).sum()),
+                "logprob": float(final[token]),
+                "rank": int((final > final[token]).sum()) + 1,
+                "margin": float(top2[0] - top2[1]),
+                "lens_kl": lens_kl,
+                "lens_top1": lens_top1,
+                "resid": {layer: acts[f"blocks.{layer}.hook_resid_post"][row] for layer in lens_layers},
+            }
+        )
+    return out

@@ -71,6 +71,28 @@ def test_sampling_parameters(client) -> None:  # noqa: ANN001
     assert len(long.token_ids) == 20
 
 
+def test_seeded_sampling_survives_chunked_prefill_and_repeats(tiny_gateway) -> None:  # noqa: ANN001
+    """Seeded requests whose prompts are prefilled in chunks (tiny server: 32 tokens per step), several at once.
+    Unpatched vLLM CPU kills its engine here (engine/cpu_seed_fix.py); with the fix each seed gives the same
+    tokens whether its request runs alone or beside others."""
+    prompts = [f"Number {i}: " + "the quick brown fox jumps over the lazy dog " * (3 + i) for i in range(4)]
+
+    async def run(batch: list[int]) -> list[list[int]]:
+        async with AsyncClient(tiny_gateway.address, timeout=300) as client:
+            results = await asyncio.gather(
+                *(
+                    client.generate(prompts[i], max_tokens=8, temperature=1.0, seed=100 + i, ignore_eos=True)
+                    for i in batch
+                )
+            )
+            return [r.token_ids for r in results]
+
+    together = asyncio.run(run([0, 1, 2, 3]))
+    alone = [asyncio.run(run([i]))[0] for i in range(4)]
+    assert together == alone
+    assert len({tuple(t) for t in together}) == 4
+
+
 def test_chat_prompt(client) -> None:  # noqa: ANN001
     result = client.generate(
         [{"role": "user", "content": "What is the capital of France?"}], max_tokens=20, temperature=0

@@ -1,7 +1,7 @@
 """Python SDK for the interpgw interpretability gateway (sync and asyncio), without torch or vLLM."""
 
-from interpgw_client.aio import AsyncClient, AsyncGenerateStream, AsyncSteering
-from interpgw_client.client import Client, GenerateStream, Steering
+from interpgw_client.aio import AsyncClient, AsyncGenerateStream, AsyncProbes, AsyncSteering
+from interpgw_client.client import Client, GenerateStream, Probes, Steering
 from interpgw_client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -25,31 +25,43 @@ from interpgw_client.protocol import (
     TopLogits,
     TraceResult,
 )
+from interpgw_client.render import HtmlFragment, render_html
+from interpgw_client.signals import Monitor, MonitorEvent, Probe, ProbeScores, Signals, TokenSignals
 
 __all__ = [
     "AsyncClient",
     "AsyncGenerateStream",
+    "AsyncProbes",
     "AsyncSteering",
     "CancelledError",
     "Client",
     "DeadlineExceededError",
     "GenerateResult",
     "GenerateStream",
+    "HtmlFragment",
     "InternalError",
-    "Intervention",
     "InterpgwError",
+    "Intervention",
     "InvalidArgumentError",
     "ModelInfo",
+    "Monitor",
+    "MonitorEvent",
     "NotFoundError",
     "PatchResult",
     "PermissionDeniedError",
+    "Probe",
+    "ProbeScores",
+    "Probes",
     "PromptTrace",
     "ResourceExhaustedError",
+    "Signals",
     "Steering",
     "SteeringVector",
     "TokenEvent",
+    "TokenSignals",
     "TopLogits",
     "TraceResult",
     "UnauthenticatedError",
     "UnavailableError",
+    "render_html",
 ]

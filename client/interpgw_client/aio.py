@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 from interpgw_client import protocol as P
+from interpgw_client import signals as S
 from interpgw_client.client import DEFAULT_ADDRESS
 from interpgw_client.errors import from_rpc_error
 
@@ -125,6 +126,7 @@ class AsyncClient:
         interventions: Sequence[P.InterventionLike] | None = None,
         steer: P.SteerLike | None = None,
         compare_unsteered: bool = False,
+        signals: S.Signals | dict | bool | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> AsyncGenerateStream:
         request = P.build_generate(
@@ -145,6 +147,7 @@ class AsyncClient:
             interventions=interventions,
             steer=steer,
             compare_unsteered=compare_unsteered,
+            signals=signals,
         )
         call = self._stub.Generate(request, timeout=self.timeout, metadata=metadata)
         return AsyncGenerateStream(call, P.GenerateAssembler(request, self.as_torch))
@@ -166,6 +169,7 @@ class AsyncClient:
         steer: P.SteerLike | None = None,
         cache: str = "use",
         store: bool = False,
+        probes: Sequence[str] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
         request = P.build_trace(
@@ -180,6 +184,7 @@ class AsyncClient:
             steer=steer,
             cache=cache,
             store=store,
+            probes=probes,
         )
         return await self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
 
@@ -205,6 +210,11 @@ class AsyncClient:
     def steering(self) -> AsyncSteering:
         """The steering-vector registry (awaitable methods)."""
         return AsyncSteering(self)
+
+    @property
+    def probes(self) -> AsyncProbes:
+        """The linear-probe registry (awaitable methods)."""
+        return AsyncProbes(self)
 
     async def patch(
         self,
@@ -298,3 +308,53 @@ class AsyncSteering:
         request = pb.ListVectorsRequest(model=model)
         response = await _unary(self._client._stub.ListVectors, request, self._client.timeout)
         return [P.SteeringVector.from_proto(v, self._client.as_torch) for v in response.vectors]
+
+
+class AsyncProbes:
+    """`client.probes` of an AsyncClient: the methods of `Probes`, awaitable."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def train(
+        self,
+        examples: Sequence[S.ExampleLike],
+        *,
+        hook: str | None = None,
+        layer: int | None = None,
+        position: str = "last",
+        test_fraction: float = 0.25,
+        seed: int = 0,
+        l2: float | None = None,
+        name: str = "",
+        description: str = "",
+        model: str = "",
+        add_generation_prompt: bool = False,
+    ) -> S.Probe:
+        request = S.build_train_probe(
+            examples,
+            hook=hook,
+            layer=layer,
+            position=position,
+            test_fraction=test_fraction,
+            seed=seed,
+            l2=l2,
+            name=name,
+            description=description,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return S.Probe.from_proto(await _unary(self._client._stub.TrainProbe, request, self._client.timeout))
+
+    async def list(self, model: str = "") -> list[S.Probe]:
+        request = pb.ListProbesRequest(model=model)
+        response = await _unary(self._client._stub.ListProbes, request, self._client.timeout)
+        return [S.Probe.from_proto(p) for p in response.probes]
+
+    async def get(self, id: str) -> S.Probe:
+        response = await _unary(self._client._stub.GetProbe, pb.GetProbeRequest(id=id), self._client.timeout)
+        return S.Probe.from_proto(response)
+
+    async def delete(self, id: str) -> bool:
+        request = pb.DeleteProbeRequest(id=id)
+        return (await _unary(self._client._stub.DeleteProbe, request, self._client.timeout)).deleted

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
 
 import numpy as np
 
 from interpgw_client.client import DEFAULT_ADDRESS, Client
 from interpgw_client.errors import InterpgwError
-from interpgw_client.protocol import SteeringVector
+from interpgw_client.protocol import GenerateResult, SteeringVector
+from interpgw_client.signals import Probe, Signals
 
 
 def _positions(value: str) -> str | list[int]:
@@ -52,6 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compare and not args.steer:
         raise ValueError("--compare needs --steer (unsteered, both continuations are the same)")
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    wants_signals = args.signals or bool(args.lens) or bool(args.probe)
+    signals = Signals(lens_layers=args.lens, probes=args.probe) if wants_signals else None
     with Client(args.address, timeout=args.timeout) as client:
         stream = client.generate_stream(
             prompt,
@@ -64,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             stop=args.stop or None,
             steer={"vector": args.steer, "scale": args.scale} if args.steer else None,
             compare_unsteered=args.compare,
+            signals=signals,
         )
         if args.compare:
             print(f"=== steered ({args.steer} x {args.scale:g}) ===")
@@ -74,8 +79,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
         result = stream.result
         if args.compare and result.baseline is not None:
             print(f"\n=== unsteered ===\n{result.baseline.text}", end="")
+        if wants_signals:
+            print()
+            _print_signals(result)
         seed = "" if result.seed is None else f", seed: {result.seed}"
         print(f"\n[{len(result.token_ids)} tokens, finish: {result.finish_reason}{seed}]", file=sys.stderr)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_signals(result: GenerateResult) -> None:
+    """One line per generated token: index, text, entropy, logprob, rank, then lens and probe values."""
+    by_index = {s.index: s for s in result.signals}
+    for i, text in enumerate(result.tokens):
+        item = by_index.get(i)
+        values = item.values() if item else {}
+        line = (
+            f"{i:>4} {text!r:<14} entropy {_fmt(values.get('entropy'))} logprob {_fmt(values.get('logprob'))} "
+            f"rank {_fmt(item.rank if item else None, 'd')}"
+        )
+        extra = [f"{name} {value:.3f}" for name, value in values.items() if name.startswith(("lens_kl:", "probe:"))]
+        if item is not None and item.lens_earliest is not None:
+            extra.append(f"lens_earliest {item.lens_earliest}")
+        print("  ".join([line, *extra]))
+    if result.scores:
+        print("scores: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.scores.items())))
+    for event in result.monitor_events:
+        print(
+            f"monitor {event.monitor}: {event.action} at token {event.token_index} ({event.signal} {event.value:.4g})"
+        )
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
@@ -178,6 +212,92 @@ def cmd_steer_delete(args: argparse.Namespace) -> None:
     print(f"deleted {args.id}")
 
 
+def _utc(seconds: float | None) -> datetime | None:
+    return datetime.fromtimestamp(seconds, timezone.utc) if seconds else None  # noqa: UP017 (3.10)
+
+
+def _probe_json(probe: Probe) -> str:
+    fields = {k: v for k, v in vars(probe).items() if k not in ("weight", "quantiles", "created")}
+    created = _utc(probe.created)
+    return json.dumps(fields | {"created": created.isoformat() if created else None})
+
+
+def _read_examples(path: str) -> list[dict]:
+    """JSON lines {"statement" | "text" | "prompt": ..., "label": true/false or 1/0}; other keys are ignored."""
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            keys = [k for k in ("statement", "text", "prompt") if isinstance(item, dict) and k in item]
+            if len(keys) != 1 or "label" not in item:
+                raise ValueError(f'{path}:{number}: expected {{"statement" | "text" | "prompt": ..., "label": ...}}')
+            examples.append({"prompt": item[keys[0]], "label": item["label"]})
+    return examples
+
+
+def cmd_probe_train(args: argparse.Namespace) -> None:
+    examples = _read_examples(args.file)
+    with Client(args.address, timeout=args.timeout) as client:
+        probe = client.probes.train(
+            examples,
+            layer=args.layer,
+            position=args.position,
+            name=args.name,
+            description=args.description,
+            model=args.model,
+        )
+    print(probe.id)
+    print(_probe_json(probe))
+
+
+def cmd_probe_list(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        probes = client.probes.list(args.model)
+    if not probes:
+        print("no probes", file=sys.stderr)
+        return
+    header = ("ID", "MODEL", "NAME", "HOOK", "POSITION", "TEST_AUROC", "N", "CREATED")
+    rows = [
+        (
+            p.id,
+            p.model,
+            p.name,
+            p.hook,
+            p.position,
+            f"{p.test_auroc:.3f}",
+            str(p.n_train + p.n_test),
+            created.strftime("%Y-%m-%d %H:%M") if (created := _utc(p.created)) else "",
+        )
+        for p in probes
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_probe_get(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        probe = client.probes.get(args.id)
+    print(_probe_json(probe))
+    if probe.weight is not None:
+        print(f"  {probe.hook}: weight norm {float(np.linalg.norm(probe.weight)):.4g}, bias {probe.bias:.4g}")
+        if args.save:
+            np.save(args.save, probe.weight)
+
+
+def cmd_probe_delete(args: argparse.Namespace) -> None:
+    with Client(args.address, timeout=args.timeout) as client:
+        deleted = client.probes.delete(args.id)
+    if not deleted:
+        raise ValueError(f"no probe {args.id!r}")
+    print(f"deleted {args.id}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="interpgw", description="interpretability gateway for served LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--steer", default=None, metavar="VECTOR_ID", help="add a registry steering vector")
     gen.add_argument("--scale", type=float, default=1.0, help="the steering vector's scale")
     gen.add_argument("--compare", action="store_true", help="also print the unsteered continuation (same seed)")
+    gen.add_argument("--signals", action="store_true", help="print per-token signals (entropy, logprob, rank, ...)")
+    gen.add_argument("--lens", type=int, action="append", default=[], metavar="LAYER", help="logit lens (repeatable)")
+    gen.add_argument("--probe", action="append", default=[], metavar="ID", help="apply a registry probe (repeatable)")
     gen.set_defaults(func=cmd_generate)
 
     trace = sub.add_parser("trace", help="capture activations for a prompt")
@@ -239,6 +362,30 @@ def main(argv: list[str] | None = None) -> None:
     _client_args(delete)
     delete.add_argument("id")
     delete.set_defaults(func=cmd_steer_delete)
+
+    probe = sub.add_parser("probe", help="the linear-probe registry").add_subparsers(dest="action", required=True)
+    train = probe.add_parser("train", help="train a probe from labelled prompts")
+    _client_args(train)
+    train.add_argument(
+        "--file", required=True, metavar="FILE.jsonl", help='lines {"statement"|"text"|"prompt": ..., "label": ...}'
+    )
+    train.add_argument("--layer", type=int, default=None, help="resid_post layer (default: the middle layer)")
+    train.add_argument("--position", choices=("last", "mean"), default="last", help="last token or mean over tokens")
+    train.add_argument("--name", default="")
+    train.add_argument("--description", default="")
+    train.set_defaults(func=cmd_probe_train)
+    listing = probe.add_parser("list", help="list stored probes")
+    _client_args(listing)
+    listing.set_defaults(func=cmd_probe_list)
+    get = probe.add_parser("get", help="show one probe")
+    _client_args(get)
+    get.add_argument("id")
+    get.add_argument("--save", default=None, metavar="FILE.npy", help="save the [d_model] weight")
+    get.set_defaults(func=cmd_probe_get)
+    delete = probe.add_parser("delete", help="delete one probe")
+    _client_args(delete)
+    delete.add_argument("id")
+    delete.set_defaults(func=cmd_probe_delete)
 
     if argv is None:
         argv = sys.argv[1:]

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 from interpgw_client import protocol as P
+from interpgw_client import signals as S
 from interpgw_client.errors import from_rpc_error
 
 DEFAULT_ADDRESS = os.environ.get("INTERPGW_ADDRESS", "localhost:50051")
@@ -145,12 +146,15 @@ class Client:
         interventions: Sequence[P.InterventionLike] | None = None,
         steer: P.SteerLike | None = None,
         compare_unsteered: bool = False,
+        signals: S.Signals | dict | bool | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> GenerateStream:
         """Stream a generation. `capture` names hook points; activations arrive in `.result` at the end.
         `interventions` edit the forward pass (see `Intervention`); `steer` is the shorthand for adding vectors
         (a registry id, {"vector", "scale", "hook", ...} or a list); `compare_unsteered` also streams the
-        unsteered continuation with the same seed, as `.result.baseline`."""
+        unsteered continuation with the same seed, as `.result.baseline`. `signals` asks for per-token
+        hallucination signals and monitors (`Signals`; True: the distribution signals), streamed in each
+        TokenEvent's `.signals` and collected in `.result.signals` / `.scores` / `.monitor_events`."""
         request = P.build_generate(
             prompt,
             model=model,
@@ -169,6 +173,7 @@ class Client:
             interventions=interventions,
             steer=steer,
             compare_unsteered=compare_unsteered,
+            signals=signals,
         )
         call = self._stub.Generate(request, timeout=self.timeout, metadata=metadata)
         return GenerateStream(call, P.GenerateAssembler(request, self.as_torch))
@@ -193,10 +198,12 @@ class Client:
         steer: P.SteerLike | None = None,
         cache: str = "use",
         store: bool = False,
+        probes: Sequence[str] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
         """One forward pass over each prompt; activations at `hooks` for the selected `positions`, with the
-        `interventions` / `steer` edits (as in `generate_stream`) applied to every prompt."""
+        `interventions` / `steer` edits (as in `generate_stream`) applied to every prompt; `probes` (registry ids)
+        are scored at every captured position, in each prompt's `.probe_scores`."""
         request = P.build_trace(
             prompts,
             model=model,
@@ -209,6 +216,7 @@ class Client:
             steer=steer,
             cache=cache,
             store=store,
+            probes=probes,
         )
         return self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
 
@@ -236,6 +244,11 @@ class Client:
     def steering(self) -> Steering:
         """The steering-vector registry."""
         return Steering(self)
+
+    @property
+    def probes(self) -> Probes:
+        """The linear-probe registry."""
+        return Probes(self)
 
     def patch(
         self,
@@ -333,3 +346,56 @@ class Steering:
         """Every vector (of `model`, when given), without tensor data."""
         response = _unary(self._client._stub.ListVectors, pb.ListVectorsRequest(model=model), self._client.timeout)
         return [P.SteeringVector.from_proto(v, self._client.as_torch) for v in response.vectors]
+
+
+class Probes:
+    """`client.probes`: train linear probes from labelled prompts, then `generate(..., signals=Signals(probes=[id]))`
+    or `trace(..., probes=[id])`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def train(
+        self,
+        examples: Sequence[S.ExampleLike],
+        *,
+        hook: str | None = None,
+        layer: int | None = None,
+        position: str = "last",
+        test_fraction: float = 0.25,
+        seed: int = 0,
+        l2: float | None = None,
+        name: str = "",
+        description: str = "",
+        model: str = "",
+        add_generation_prompt: bool = False,
+    ) -> S.Probe:
+        """Fit on the server from (prompt, label) pairs or {"statement"|"text"|"prompt", "label"} dicts, with a
+        held-out split; `layer=L` means blocks.L.hook_resid_post (default: the middle layer). Chat prompts get no
+        generation prompt by default: examples are usually plain statements."""
+        request = S.build_train_probe(
+            examples,
+            hook=hook,
+            layer=layer,
+            position=position,
+            test_fraction=test_fraction,
+            seed=seed,
+            l2=l2,
+            name=name,
+            description=description,
+            model=model,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return S.Probe.from_proto(_unary(self._client._stub.TrainProbe, request, self._client.timeout))
+
+    def list(self, model: str = "") -> list[S.Probe]:
+        """Every probe (of `model`, when given), without weights."""
+        response = _unary(self._client._stub.ListProbes, pb.ListProbesRequest(model=model), self._client.timeout)
+        return [S.Probe.from_proto(p) for p in response.probes]
+
+    def get(self, id: str) -> S.Probe:
+        return S.Probe.from_proto(_unary(self._client._stub.GetProbe, pb.GetProbeRequest(id=id), self._client.timeout))
+
+    def delete(self, id: str) -> bool:
+        """False when no such probe existed."""
+        return _unary(self._client._stub.DeleteProbe, pb.DeleteProbeRequest(id=id), self._client.timeout).deleted

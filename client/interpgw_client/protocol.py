@@ -11,6 +11,14 @@ from typing import Any
 import numpy as np
 
 from interpgw.v1 import gateway_pb2 as pb
+from interpgw_client.render import HtmlFragment, render_html
+from interpgw_client.signals import (
+    MonitorEvent,
+    ProbeScores,
+    SignalsLike,
+    TokenSignals,
+    build_signals,
+)
 from interpgw_client.tensors import decode
 
 # A prompt: text, chat messages ([{"role": ..., "content": ...}]) or token ids.
@@ -58,10 +66,14 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     variant: int = 0  # 0: as requested; 1: the unsteered baseline (compare_unsteered)
+    signals: list[TokenSignals] = field(default_factory=list)  # one per token, when signals were requested
+    events: list[MonitorEvent] = field(default_factory=list)  # monitors that fired on these tokens
 
 
 @dataclass
 class GenerateResult:
+    """A finished generation. finish_reason "monitor": a STOP monitor ended it (see `monitor_events`)."""
+
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
@@ -71,6 +83,19 @@ class GenerateResult:
     cached_prompt_tokens: int = 0
     seed: int | None = None  # the sampling seed used (the server's choice when none was given); None: unseeded
     baseline: GenerateResult | None = None  # the unsteered continuation, with compare_unsteered
+    signals: list[TokenSignals] = field(default_factory=list)  # per generated token, when signals were requested
+    scores: dict[str, float] = field(default_factory=dict)  # "<signal>.mean|min|max", "perplexity", "eigenscore"
+    monitor_events: list[MonitorEvent] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # per generated token text ("" for tokens sharing a text delta)
+
+    def signal_values(self, signal: str) -> list[float | None]:
+        """Per generated token, the value of `signal` (a `TokenSignals.values()` name); None where absent."""
+        by_index = {s.index: s.values() for s in self.signals}
+        return [by_index.get(i, {}).get(signal) for i in range(len(self.tokens))]
+
+    def render_html(self, signal: str = "entropy", **kwargs: Any) -> HtmlFragment:
+        """The generated tokens as a heat map of `signal`; `kwargs` as `render_html` (title, low, high, cmap)."""
+        return render_html(self.tokens, self.signal_values(signal), signal=signal, **kwargs)
 
 
 @dataclass
@@ -90,6 +115,7 @@ class PromptTrace:
     top_logits: TopLogits | None = None
     cache_hit: bool = False  # served from the gateway's activation cache
     handle: str = ""  # with store=True: a stored trace's handle (get_trace, reference_traces, clean_trace)
+    probe_scores: dict[str, ProbeScores] = field(default_factory=dict)  # probe id -> scores at the captured positions
 
 
 @dataclass
@@ -402,6 +428,7 @@ def build_generate(
     interventions: Sequence[InterventionLike] | None = None,
     steer: SteerLike | None = None,
     compare_unsteered: bool = False,
+    signals: SignalsLike | None = None,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, stop=[stop] if isinstance(stop, str) else stop, ignore_eos=ignore_eos
@@ -422,6 +449,9 @@ def build_generate(
     spec = build_capture(capture, positions, capture_generated, capture_dtype)
     if spec is not None:
         request.capture.CopyFrom(spec)
+    signal_request = build_signals(signals)
+    if signal_request is not None:
+        request.signals.CopyFrom(signal_request)
     return request
 
 
@@ -441,9 +471,14 @@ def build_trace(
     steer: SteerLike | None = None,
     cache: str = "use",
     store: bool = False,
+    probes: Sequence[str] | str | None = None,
 ) -> pb.TraceRequest:
+    """`probes`: registry probe ids scored at every captured position (`PromptTrace.probe_scores`)."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {sorted(CACHE_MODES)}, got {cache!r}")
+    probes = [probes] if isinstance(probes, str) else list(probes or ())
+    if not all(isinstance(p, str) and p for p in probes):
+        raise ValueError(f"probes are registry probe ids (strings), got {probes!r}")
     if isinstance(prompts, str) or (prompts and isinstance(list(prompts)[0], (int, dict))):
         prompts = [prompts]  # type: ignore[list-item]
     request = pb.TraceRequest(
@@ -453,6 +488,7 @@ def build_trace(
         interventions=build_interventions(interventions, steer),
         cache=CACHE_MODES[cache],
         store=store,
+        probes=probes,
     )
     spec = build_capture(hooks, positions, False, dtype)
     if spec is not None:
@@ -616,9 +652,36 @@ class TensorAssembler:
         }
 
 
-def generate_result(done: pb.GenerateDone, assembler: TensorAssembler, seeded: bool = False) -> GenerateResult:
+@dataclass
+class VariantTokens:
+    """What one variant's token events carried: per-token texts, signals and fired monitors."""
+
+    tokens: list[str] = field(default_factory=list)
+    signals: list[TokenSignals] = field(default_factory=list)
+    events: list[MonitorEvent] = field(default_factory=list)
+
+    def add(self, event: TokenEvent) -> None:
+        """The event's text goes to its first token (the others get ""): a text delta may span several tokens."""
+        n = len(event.token_ids)
+        if n == 0:
+            if self.tokens:
+                self.tokens[-1] += event.text
+        else:
+            end = event.index + n
+            self.tokens.extend([""] * (end - len(self.tokens)))
+            self.tokens[event.index : end] = [event.text] + [""] * (n - 1)
+        self.signals.extend(event.signals)
+        self.events.extend(event.events)
+
+
+def generate_result(
+    done: pb.GenerateDone, assembler: TensorAssembler, seeded: bool = False, streamed: VariantTokens | None = None
+) -> GenerateResult:
     """One variant's result; its tensor chunks carry the variant as prompt_index. The wire seed is 0 when the
-    server used none, so 0 means None unless the request set a seed."""
+    server used none, so 0 means None unless the request set a seed. Monitor events come from the final message
+    (every event), else from the streamed ones."""
+    streamed = streamed or VariantTokens()
+    events = [MonitorEvent.from_proto(e) for e in done.monitor_events] or list(streamed.events)
     return GenerateResult(
         text=done.text,
         token_ids=list(done.output_token_ids),
@@ -628,6 +691,10 @@ def generate_result(done: pb.GenerateDone, assembler: TensorAssembler, seeded: b
         positions=list(done.captured_positions),
         cached_prompt_tokens=done.cached_prompt_tokens,
         seed=done.seed if done.seed or seeded else None,
+        signals=sorted(streamed.signals, key=lambda s: s.index),
+        scores=dict(done.scores),
+        monitor_events=events,
+        tokens=list(streamed.tokens),
     )
 
 
@@ -638,13 +705,23 @@ class GenerateAssembler:
     def __init__(self, request: pb.GenerateRequest, as_torch: bool) -> None:
         self._tensors = TensorAssembler(as_torch)
         self._done: dict[int, pb.GenerateDone] = {}
+        self._streamed: dict[int, VariantTokens] = {}
         self._seeded = request.sampling.HasField("seed")
 
     def add(self, message: pb.GenerateResponse) -> TokenEvent | None:
         kind = message.WhichOneof("event")
         if kind == "token":
             t = message.token
-            return TokenEvent(index=t.index, token_ids=list(t.token_ids), text=t.text, variant=t.variant)
+            event = TokenEvent(
+                index=t.index,
+                token_ids=list(t.token_ids),
+                text=t.text,
+                variant=t.variant,
+                signals=[TokenSignals.from_proto(s) for s in t.signals],
+                events=[MonitorEvent.from_proto(e) for e in t.events],
+            )
+            self._streamed.setdefault(t.variant, VariantTokens()).add(event)
+            return event
         if kind == "tensor":
             self._tensors.add(message.tensor)
         elif kind == "done":
@@ -655,9 +732,9 @@ class GenerateAssembler:
         """None until variant 0's final message has arrived."""
         if 0 not in self._done:
             return None
-        result = generate_result(self._done[0], self._tensors, self._seeded)
+        result = generate_result(self._done[0], self._tensors, self._seeded, self._streamed.get(0))
         if 1 in self._done:
-            result.baseline = generate_result(self._done[1], self._tensors, self._seeded)
+            result.baseline = generate_result(self._done[1], self._tensors, self._seeded, self._streamed.get(1))
         return result
 
 
@@ -674,6 +751,7 @@ def prompt_trace(msg: pb.TracePromptResult) -> PromptTrace:
         top_logits=top,
         cache_hit=msg.cache_hit,
         handle=msg.handle,
+        probe_scores={p.probe_id: ProbeScores.from_proto(p) for p in msg.probe_scores},
     )
 
 

@@ -41,6 +41,8 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "interpgw_batch_interventions",
         "interpgw_batch_steering_configs",
         "interpgw_registry_vectors",
+        "interpgw_signal_tokens_total",
+        "interpgw_monitor_events_total",
         # cache
         "interpgw_cache_events_total",
         "interpgw_cache_bytes_read_total",
@@ -116,6 +118,12 @@ class GatewayMetrics:
             "forward steps the hooks saw (hook time per step = ratio of rates)",
             ["model"],
             registry=r,
+        )
+        self._signal_tokens = Counter(
+            "interpgw_signal_tokens", "generated tokens streamed with hallucination signals", ["model"], registry=r
+        )
+        self._monitor_events = Counter(
+            "interpgw_monitor_events", "monitors that fired, by action", ["model", "action"], registry=r
         )
         self._batch_interventions = Histogram(
             "interpgw_batch_interventions",
@@ -218,6 +226,13 @@ class GatewayMetrics:
         configs = self._batch_steering_configs.labels(model)
         for n in configs_per_step:
             configs.observe(n)
+
+    def signal_tokens(self, model: str, n: int) -> None:
+        self._signal_tokens.labels(model).inc(n)
+
+    def monitor_event(self, model: str, action: str) -> None:
+        if action in ("flag", "stop", "steer"):
+            self._monitor_events.labels(model, action).inc()
 
     def registry_size(self, n: int) -> None:
         self._registry_vectors.set(n)

@@ -7,6 +7,7 @@ is anything that implements `engine.base.Engine`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -25,12 +26,15 @@ from interpgw.core.capture import CAPTURE_DTYPES, HookOrder, estimate_capture_by
 from interpgw.core.errors import Internal, InvalidArgument, ResourceExhausted
 from interpgw.core.hookpoints import all_hook_names, parse_hooks
 from interpgw.core.interventions import EditOrder
+from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.prompts import PromptEncoder
 from interpgw.core.requests import (
     Captured,
     CaptureOptions,
     GenerateDone,
     GenerateInput,
+    MonitorFired,
+    ProbeScoresOutput,
     PromptInput,
     SamplingInput,
     TokenDelta,
@@ -41,6 +45,12 @@ from interpgw.core.requests import (
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, Engine, EngineStep, ModelFacts, SamplingOptions
 from interpgw.registry.store import MemoryVectorStore, VectorStore
+from interpgw.signals.eigenscore import eigenscore
+from interpgw.signals.orders import Action, SignalOrder
+from interpgw.signals.probes import Probe, ProbeOperations
+from interpgw.signals.resolve import ResolvedSignals, resolve_signals
+from interpgw.signals.sequence import sequence_scores
+from interpgw.signals.token_signals import TokenSignals
 from interpgw.steering.operations import SteeringOperations
 from interpgw.steering.resolve import InterventionResolver, PreparedEdit
 from interpgw.steering.training import without_sink
@@ -48,6 +58,10 @@ from interpgw.steering.training import without_sink
 log = logging.getLogger(__name__)
 
 GenerateEvent = TokenDelta | GenerateDone
+
+# EigenScore samples of a greedy request are drawn with INSIDE's setting (Chen et al. 2024): greedy continuations
+# would all be equal and the score meaningless.
+EIGENSCORE_SAMPLING = {"temperature": 0.5, "top_p": 0.99, "top_k": 10}
 
 
 @dataclass
@@ -93,6 +107,7 @@ class GatewayService:
         self.metrics = metrics  # interpgw.metrics.GatewayMetrics or None
         self._queued: dict[str, int] = {}  # per model: requests sent to the engine that have no output yet
         self.steering = SteeringOperations(self)  # registry, training, patching
+        self.probes = ProbeOperations(self)  # probe training and registry
 
     # ------------------------------------------------------------------ models
 
@@ -151,26 +166,39 @@ class GatewayService:
             if sampling.seed is None and sampling.temperature > 0:
                 # both variants must draw the same random numbers: fix a seed and report it
                 sampling = replace(sampling, seed=random.randrange(2**31))
+        signals = await self._signals(served, request, len(prompt_ids)) if request.signals is not None else None
         variants = [prepared, []] if request.compare_unsteered else [prepared]
         orders = []
-        for edits in variants:
+        for variant, edits in enumerate(variants):
             request_id = f"gen-{uuid.uuid4().hex}"
             order = None
-            if hooks or edits:
-                order = self._hook_order(request_id, request.capture, hooks, prompt_ids, fault, edits)
+            signal_order = None
+            if signals is not None:
+                # the unsteered baseline runs the same signals and monitors, without any that steer
+                signal_order = signals.order if variant == 0 else _without_steering(signals.order)
+            if hooks or edits or signal_order is not None:
+                order = self._hook_order(request_id, request.capture, hooks, prompt_ids, fault, edits, signal_order)
             orders.append((request_id, order))
         self._check_bytes([o for _, o in orders if o is not None], served, sampling.max_tokens)
-        if len(orders) == 1:
-            async for event in self._generate_one(served, prompt_ids, sampling, *orders[0], 0):
-                yield event
-            return
-        async for event in _merge(
-            [
-                self._generate_one(served, prompt_ids, sampling, request_id, order, variant)
+        eigen = None
+        if signals is not None and signals.eigenscore_samples:
+            eigen = asyncio.ensure_future(self._eigenscore(served, prompt_ids, sampling, signals))
+        try:
+            streams = [
+                self._generate_one(served, prompt_ids, sampling, request_id, order, variant, signals, eigen)
                 for variant, (request_id, order) in enumerate(orders)
             ]
-        ):
-            yield event
+            if len(streams) == 1:
+                async with contextlib.aclosing(streams[0]) as stream:
+                    async for event in stream:
+                        yield event
+                return
+            async for event in _merge(streams):
+                yield event
+        finally:
+            if eigen is not None and not eigen.done():
+                eigen.cancel()
+                await asyncio.gather(eigen, return_exceptions=True)
 
     async def _generate_one(
         self,
@@ -180,21 +208,67 @@ class GatewayService:
         request_id: str,
         order: HookOrder | None,
         variant: int,
+        signals: ResolvedSignals | None = None,
+        eigen: asyncio.Future | None = None,
     ) -> AsyncIterator[GenerateEvent]:
         output_ids: list[int] = []
         text: list[str] = []
         finish_reason = "abort"
         cached = 0
         collected = False
+        hub = served.engine.signals if signals is not None else None
+        token_signals: list[TokenSignals] = []
+        fired: list[MonitorFired] = []
+        if hub is not None:
+            hub.expect(order.key)
         try:
-            async for step in self._engine_steps(served, request_id, prompt_ids, sampling, order):
-                if step.token_ids or step.text:
-                    yield TokenDelta(index=len(output_ids), token_ids=step.token_ids, text=step.text, variant=variant)
-                    output_ids.extend(step.token_ids)
-                    text.append(step.text)
-                cached = max(cached, step.cached_prompt_tokens)
-                if step.finished:
-                    finish_reason = step.finish_reason or "stop"
+            async with contextlib.aclosing(
+                self._engine_steps(served, request_id, prompt_ids, sampling, order)
+            ) as steps:
+                async for step in steps:
+                    token_ids, delta = step.token_ids, step.text
+                    stop = False
+                    step_signals: list[TokenSignals] = []
+                    if hub is not None and token_ids:
+                        for j in range(len(token_ids)):
+                            item = TokenSignals.from_json(await hub.take(order.key, len(output_ids) + j))
+                            _add_quantiles(item, signals.probes)
+                            step_signals.append(item)
+                            if any(e["action"] == Action.STOP.value for e in item.events):
+                                stop = True
+                                break
+                        if len(step_signals) < len(token_ids):  # a STOP fired before this step's last token
+                            token_ids = token_ids[: len(step_signals)]
+                            delta = served.encoder.tokenizer.decode(token_ids)
+                    events = [MonitorFired(**event, variant=variant) for s in step_signals for event in s.events]
+                    for event in events:
+                        self._count_monitor(served, event.action)
+                    fired.extend(events)
+                    if token_ids or delta:
+                        yield TokenDelta(
+                            index=len(output_ids),
+                            token_ids=token_ids,
+                            text=delta,
+                            variant=variant,
+                            signals=step_signals,
+                            events=events,
+                        )
+                        output_ids.extend(token_ids)
+                        text.append(delta)
+                    token_signals.extend(step_signals)
+                    cached = max(cached, step.cached_prompt_tokens)
+                    if stop:
+                        finish_reason = "monitor"
+                        break
+                    if step.finished:
+                        finish_reason = step.finish_reason or "stop"
+            scores: dict[str, float] = {}
+            if signals is not None:
+                scores = sequence_scores(token_signals)
+                if self.metrics is not None:
+                    self.metrics.signal_tokens(served.facts.id, len(token_signals))
+                if eigen is not None and variant == 0:
+                    scores["eigenscore"] = await asyncio.shield(eigen)
             captured = None
             if order is not None:
                 result = (await served.engine.collect([order.key]))[order.key]
@@ -209,10 +283,62 @@ class GatewayService:
                 cached_prompt_tokens=cached,
                 variant=variant,
                 seed=sampling.seed,
+                scores=scores,
+                monitor_events=fired,
             )
         finally:
+            if hub is not None:
+                hub.forget(order.key)
             if order is not None and not collected:
                 _discard_later(served.engine, [order.key])
+
+    def _count_monitor(self, served: ServedModel, action: str) -> None:
+        if self.metrics is not None:
+            self.metrics.monitor_event(served.facts.id, action)
+
+    async def _signals(self, served: ServedModel, request: GenerateInput, prompt_len: int) -> ResolvedSignals:
+        if getattr(served.engine, "signals", None) is None:
+            raise InvalidArgument(f"model {served.facts.id!r} is served by an engine without token signals")
+
+        async def edits(specs: Sequence) -> tuple[EditOrder, ...]:
+            return InterventionResolver.orders(await self._prepare_edits(served, specs), prompt_len)
+
+        return await resolve_signals(request.signals, served.facts, lambda ids: self.probes.resolve(served, ids), edits)
+
+    async def _eigenscore(
+        self, served: ServedModel, prompt_ids: list[int], sampling: SamplingOptions, signals: ResolvedSignals
+    ) -> float:
+        """EigenScore over `eigenscore_samples` continuations sampled side by side in the engine's batch: each
+        one's embedding is the chosen layer's resid_post at the last token it fed through the model."""
+        hook = f"blocks.{signals.eigenscore_layer}.hook_resid_post"
+        if sampling.temperature == 0:
+            sampling = replace(sampling, **EIGENSCORE_SAMPLING)
+        base_seed = sampling.seed
+
+        async def sample(i: int) -> torch.Tensor:
+            key = f"eigen-{uuid.uuid4().hex}"
+            seed = None if base_seed is None else (base_seed + 1 + i) % 2**63
+            order = HookOrder(
+                key=key,
+                hooks=(hook,),
+                prompt_len=len(prompt_ids),
+                prompt_positions=(len(prompt_ids) - 1,),
+                generated=True,
+                dtype="float32",
+            )
+            collected = False
+            try:
+                async for _ in self._engine_steps(served, key, prompt_ids, replace(sampling, seed=seed), order):
+                    pass
+                result = (await served.engine.collect([key]))[key]
+                collected = True
+            finally:
+                if not collected:
+                    _discard_later(served.engine, [key])
+            return _captured(result, order, served.facts).tensors[hook][-1]  # [d_model]
+
+        embeddings = await asyncio.gather(*(sample(i) for i in range(signals.eigenscore_samples)))
+        return eigenscore(torch.stack(embeddings))  # [K, d_model] -> score
 
     # ------------------------------------------------------------------ trace
 
@@ -232,14 +358,20 @@ class GatewayService:
         encoded = served.encoder.encode_each(request.prompts)
         batch = uuid.uuid4().hex
         orders: list[HookOrder | None] = [None] * len(encoded)
-        hooks = self._hooks(request.capture, served) if request.capture is not None else ()
+        capture = request.capture
+        probes = await self.probes.resolve(served, request.probes) if request.probes else []
+        if probes and capture is None:
+            capture = CaptureOptions(hooks=(), positions=PositionSelector(PositionMode.LAST))
+        hooks = self._hooks(capture, served) if capture is not None and capture.hooks else ()
+        # probe hooks the client did not ask for are captured too, scored, then left out of the reply
+        extra_hooks = tuple(dict.fromkeys(p.hook for p in probes if p.hook not in hooks))
+        if extra_hooks:
+            hooks = tuple(h.name for h in parse_hooks([*hooks, *extra_hooks], served.facts.n_layers))
         prepared = await self._prepare_edits(served, request.interventions)
         if hooks or prepared:
             for index, ids in enumerate(encoded):
                 try:
-                    orders[index] = self._hook_order(
-                        f"trace-{batch}-{index}", request.capture, hooks, ids, fault, prepared
-                    )
+                    orders[index] = self._hook_order(f"trace-{batch}-{index}", capture, hooks, ids, fault, prepared)
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"prompt {index}: {exc}") from None
             self._check_bytes([o for o in orders if o is not None], served, 1)
@@ -254,6 +386,12 @@ class GatewayService:
         ]
 
         async def run_one(index: int) -> TracedPrompt:
+            traced = await cached_or_computed(index)
+            if probes:
+                _score_probes(traced, probes, extra_hooks)
+            return traced
+
+        async def cached_or_computed(index: int) -> TracedPrompt:
             key = keys[index]
             if key and caching and request.cache == "use":
                 entry = await self.traces.lookup(key)
@@ -385,6 +523,7 @@ class GatewayService:
         prompt_ids: list[int],
         fault: str,
         edits: Sequence[PreparedEdit] = (),
+        signals: SignalOrder | None = None,
     ) -> HookOrder:
         positions = capture.positions.resolve(len(prompt_ids)) if capture is not None and hooks else []
         return HookOrder(
@@ -396,6 +535,7 @@ class GatewayService:
             dtype=capture.dtype if capture is not None else "",
             fault=fault if self._allow_faults else "",
             edits=InterventionResolver.orders(edits, len(prompt_ids)),
+            signals=signals,
         )
 
     async def _prepare_edits(self, served: ServedModel, specs: Sequence) -> list[PreparedEdit]:
@@ -486,6 +626,28 @@ def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Cap
             tensor = torch.empty((0, facts.d_model), dtype=dtype)
         tensors[hook] = tensor
     return Captured(positions=result.positions, tensors=tensors)
+
+
+def _score_probes(traced: TracedPrompt, probes: Sequence[Probe], extra_hooks: tuple[str, ...]) -> None:
+    """Probe scores at every captured position; hooks captured only for the probes are dropped from the reply."""
+    tensors = traced.captured.tensors
+    for probe in probes:
+        rows = tensors[probe.hook].float()  # [n_positions, d_model]
+        traced.probe_scores.append(
+            ProbeScoresOutput(probe_id=probe.id, scores=probe.scores(rows).tolist(), pooled=probe.pooled(rows))
+        )
+    kept = {hook: t for hook, t in tensors.items() if hook not in extra_hooks}
+    traced.captured = replace(traced.captured, tensors=kept) if kept else None
+
+
+def _without_steering(order: SignalOrder) -> SignalOrder:
+    return replace(order, monitors=tuple(m for m in order.monitors if m.action is not Action.STEER))
+
+
+def _add_quantiles(item: TokenSignals, probes: Sequence[Probe]) -> None:
+    """Each probe score's place among its training scores (calibration lives in the registry, not the worker)."""
+    by_id = {p.id: p for p in probes}
+    item.probe_quantiles = tuple(by_id[i].quantile(s) for i, s in zip(item.probe_ids, item.probe_scores, strict=True))
 
 
 def _discard_later(engine: Engine, keys: list[str]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from interpgw.core.interventions import EditOrder
 from interpgw.core.positions import RowFilter
+from interpgw.signals.orders import SignalOrder
 
 EXTRA_ARGS_KEY = "interpgw"
 
@@ -30,6 +31,7 @@ class HookOrder:
     dtype: str = ""  # "" keeps the model dtype
     fault: str = ""  # test-only fault injection, honoured only when the server enables it
     edits: tuple[EditOrder, ...] = ()  # applied in this order at each hook, before that hook is recorded
+    signals: SignalOrder | None = None  # per-token signals and monitors (Generate)
 
     def to_extra_args(self) -> dict:
         data = {
@@ -44,6 +46,8 @@ class HookOrder:
             data["fault"] = self.fault
         if self.edits:
             data["edits"] = [edit.to_json() for edit in self.edits]
+        if self.signals is not None:
+            data["signals"] = self.signals.to_json()
         return data
 
     @classmethod
@@ -58,11 +62,22 @@ class HookOrder:
             dtype=str(data.get("dtype", "")),
             fault=str(data.get("fault", "")),
             edits=tuple(EditOrder.from_json(e) for e in data.get("edits") or ()),
+            signals=SignalOrder.from_json(data["signals"]) if data.get("signals") is not None else None,
         )
+
+    @property
+    def may_edit(self) -> bool:
+        """Edits now, or a monitor may arm some later: the request's KV then differs from a plain request's."""
+        return bool(self.edits) or self._armed_edits() != []
+
+    def _armed_edits(self) -> list[dict]:
+        if self.signals is None:
+            return []
+        return [m.to_json() for m in self.signals.monitors if m.edits]
 
     def edit_salt(self) -> str:
         """Equal for requests with equal edits (they may share cached KV), different otherwise."""
-        data = json.dumps([edit.to_json() for edit in self.edits], sort_keys=True).encode()
+        data = json.dumps([[edit.to_json() for edit in self.edits], self._armed_edits()], sort_keys=True).encode()
         return "interpgw-edits-" + hashlib.sha256(data).hexdigest()[:32]
 
     def capture_rows(self) -> RowFilter:

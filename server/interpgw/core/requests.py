@@ -54,6 +54,7 @@ class GenerateInput:
     capture: CaptureOptions | None = None
     interventions: tuple[InterventionSpec, ...] = ()
     compare_unsteered: bool = False  # also stream the continuation without interventions (variant 1)
+    signals: SignalsInput | None = None  # per-token signals, monitors, sequence scores
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TraceInput:
     interventions: tuple[InterventionSpec, ...] = ()
     cache: str = "use"  # "use" | "refresh" | "bypass"
     store: bool = False  # keep each prompt's result under a handle
+    probes: tuple[str, ...] = ()  # probe ids scored at every captured position
 
 
 @dataclass
@@ -73,6 +75,8 @@ class TokenDelta:
     token_ids: list[int]
     text: str
     variant: int = 0  # 0: as requested; 1: the unsteered baseline
+    signals: list[Any] = field(default_factory=list)  # TokenSignals per token, when requested
+    events: list[Any] = field(default_factory=list)  # MonitorFired on these tokens
 
 
 @dataclass
@@ -91,6 +95,8 @@ class GenerateDone:
     cached_prompt_tokens: int = 0
     variant: int = 0
     seed: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # sequence-level scores from the token signals
+    monitor_events: list[Any] = field(default_factory=list)  # MonitorFired
 
 
 @dataclass
@@ -109,6 +115,7 @@ class TracedPrompt:
     top_logits: TopLogits | None
     cache_hit: bool = False
     handle: str = ""  # with store: the stored trace's handle
+    probe_scores: list[Any] = field(default_factory=list)  # ProbeScoresOutput
 
 
 @dataclass(frozen=True)
@@ -153,3 +160,63 @@ class PatchOutput:
     corrupted_metric: float
     target_id: int
     foil_id: int | None
+
+
+@dataclass(frozen=True)
+class LabelledPromptInput:
+    prompt: PromptInput
+    label: bool
+
+
+@dataclass(frozen=True)
+class TrainProbeInput:
+    examples: tuple[LabelledPromptInput, ...]
+    hook: str = ""  # default: the middle layer's resid_post
+    position: str = "last"  # "last" | "mean"
+    test_fraction: float = 0.25
+    seed: int = 0
+    l2: float = 1e-2
+    model: str = ""
+    name: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MonitorInput:
+    signal: str
+    op: str  # "<", "<=", ">", ">="
+    threshold: float
+    window: int = 1
+    reduce: str = "all"  # "all" | "mean"
+    action: str = "flag"  # "flag" | "stop" | "steer"
+    interventions: tuple[InterventionSpec, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class SignalsInput:
+    distribution: bool = False
+    lens_layers: tuple[int, ...] = ()  # negative from the end
+    probes: tuple[str, ...] = ()
+    monitors: tuple[MonitorInput, ...] = ()
+    eigenscore_samples: int = 0
+    eigenscore_layer: int | None = None
+
+
+@dataclass
+class MonitorFired:
+    """A monitor that fired, reported with the token it fired on."""
+
+    monitor: str
+    token_index: int
+    signal: str
+    value: float
+    action: str
+    variant: int = 0
+
+
+@dataclass
+class ProbeScoresOutput:
+    probe_id: str
+    scores: list[float]  # one per captured position
+    pooled: float

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -35,6 +35,9 @@ from interpgw.core.interventions import EditOp, EditOrder, apply_edit
 from interpgw.core.positions import RowFilter
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.architectures import ModelModules, locate_modules
+from interpgw.engine.signal_step import LensFn, SamplingEntry, SignalStep
+from interpgw.signals.monitors import MonitorEvent, MonitorState
+from interpgw.signals.orders import Action, MonitorRule, SignalOrder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,23 @@ class _RequestCapture:
     chunks: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     error: str | None = None
     salt: str = ""  # equal for requests with equal edits (counts distinct steering configurations)
+    signals: SignalOrder | None = None  # per-token signals to compute at each sampling step
+    monitor: MonitorState | None = None
+    probe_weights: torch.Tensor | None = None  # [n_probes, d_model] float32
+    probe_bias: torch.Tensor | None = None  # [n_probes]
+    last_signal_index: int = -1  # the last token whose signals were sent (recomputation after preemption: skip)
+    stopped: bool = False  # a STOP monitor fired: no more signals
+    error_reported: bool = False
+
+    def fire_monitors(self, token_index: int, values: dict[str, float]) -> list[tuple[MonitorRule, MonitorEvent]]:
+        """Run the monitors on one token; a STEER arms its edits from the next step, a STOP ends the signals."""
+        fired = self.monitor.update(token_index, values)
+        for rule, _ in fired:
+            if rule.action is Action.STEER:
+                self.edits.extend(_prepared(rule.edits))
+            elif rule.action is Action.STOP:
+                self.stopped = True
+        return fired
 
     def append(self, hook: str, rows: torch.Tensor, allow_faults: bool) -> None:
         if self.error is not None:
@@ -142,7 +162,12 @@ class ActivationRecorder:
         layout_fn: Callable[[], StepLayout],
         order_fn: Callable[[str], dict | None],
         allow_faults: bool = False,
+        sampler: nn.Module | None = None,
+        lens_fn: LensFn | None = None,
+        send_signals: Callable[[list[dict]], None] | None = None,
     ) -> None:
+        """`sampler`, `lens_fn` and `send_signals` enable per-token signals (vLLM's sampler module, the logit lens
+        through the model's own final norm and unembedding, and the channel to the gateway)."""
         self.modules: ModelModules = locate_modules(model)
         self._layout_fn = layout_fn
         self._order_fn = order_fn
@@ -156,13 +181,19 @@ class ActivationRecorder:
         self.fire_counts: Counter[str] = Counter()
         self.stats = HookStats()
         self._handles: list[Any] = []
-        self._install(model)
+        self._signal_step: SignalStep | None = None
+        self._lens_fn = lens_fn
+        self._send_signals = send_signals
+        self._install(model, sampler)
 
     # ------------------------------------------------------------------ installation
 
-    def _install(self, model: nn.Module) -> None:
+    def _install(self, model: nn.Module, sampler: nn.Module | None) -> None:
         m = self.modules
         add = self._handles.append
+        if sampler is not None:
+            add(sampler.register_forward_pre_hook(self._on_sample_start, with_kwargs=True))
+            add(sampler.register_forward_hook(self._on_sample_end))
         add(model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
         add(model.register_forward_hook(self._on_forward_end))
         add(m.embed.register_forward_hook(self._on_embed))
@@ -212,18 +243,19 @@ class ActivationRecorder:
         data = self._order_fn(req_id)
         if data is not None:
             order = HookOrder.from_extra_args(data)
-            edits = []
-            for edit in order.edits:
-                vector = edit.vector_tensor()
-                scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
-                edits.append((edit, vector, scaled))
             capture = _RequestCapture(
                 order=order,
                 req_id=req_id,
                 rows=order.capture_rows(),
-                edits=edits,
+                edits=_prepared(order.edits),
                 salt=order.edit_salt() if order.edits else "",
             )
+            if order.signals is not None:
+                capture.signals = order.signals
+                capture.monitor = MonitorState(order.signals.monitors) if order.signals.monitors else None
+                if order.signals.probes:
+                    capture.probe_weights = torch.stack([p.weight_tensor() for p in order.signals.probes])
+                    capture.probe_bias = torch.tensor([p.bias for p in order.signals.probes])
             self._by_key[order.key] = capture
         self._by_req[req_id] = capture
         return capture
@@ -251,10 +283,17 @@ class ActivationRecorder:
         if self._steps % 256 == 0:
             self._prune(set(layout.req_ids))
         active = []
+        failed_signals = []
         for i, req_id in enumerate(layout.req_ids):
             capture = self._capture_for(req_id)
             if capture is not None and capture.error is None:
                 active.append((i, capture))
+            elif capture is not None and capture.signals is not None and not capture.error_reported:
+                capture.error_reported = True
+                failed_signals.append({"k": capture.order.key, "error": capture.error})
+        if failed_signals and self._send_signals is not None:
+            self._send_signals(failed_signals)
+        self._signal_step = None
         if not active:
             return None
         positions = kwargs.get("positions") if "positions" in kwargs else args[1]
@@ -264,9 +303,18 @@ class ActivationRecorder:
         per_hook: dict[str, list[tuple[_RequestCapture, np.ndarray]]] = defaultdict(list)
         edits: dict[str, _EditGroup] = {}
         add_parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = defaultdict(list)
+        sampling: list[SamplingEntry] = []
+        taps: dict[str, list[tuple[_RequestCapture, int]]] = defaultdict(list)
         for i, capture in active:
             lo, hi = int(qsl[i]), int(qsl[i + 1])
             step_positions = positions_np[lo:hi]
+            if capture.signals is not None and not capture.stopped and hi > lo and self._send_signals is not None:
+                # the step's last row samples token (position + 1 - prompt_len) once the prompt is done
+                token_index = int(step_positions[-1]) + 1 - capture.order.prompt_len
+                if token_index > capture.last_signal_index:
+                    sampling.append(SamplingEntry(owner=capture, batch_index=i, token_index=token_index))
+                    for hook in capture.signals.tap_hooks():
+                        taps[hook].append((capture, hi - 1))
             if capture.order.hooks:
                 keep = capture.rows.mask(step_positions)
                 if keep.any():
@@ -280,7 +328,18 @@ class ActivationRecorder:
             group = edits[hook]
             group.add_index = torch.from_numpy(np.concatenate([rows for rows, _ in parts])).to(device)
             group.add_delta = torch.cat([delta.expand(len(rows), -1) for rows, delta in parts])
-        if not per_hook and not edits:
+        if sampling:
+            self._signal_step = SignalStep(
+                entries=sampling,
+                taps={
+                    hook: (
+                        torch.tensor([row for _, row in owners], device=device),
+                        {id(owner): k for k, (owner, _) in enumerate(owners)},
+                    )
+                    for hook, owners in taps.items()
+                },
+            )
+        if not per_hook and not edits and not sampling:
             return None
         shared_index: dict[tuple[int, ...], torch.Tensor] = {}
         selections = {}
@@ -377,6 +436,8 @@ class ActivationRecorder:
         plan = self._plan
         if plan is None:
             return
+        if self._signal_step is not None:
+            self._tap(hook, compute)
         selection = plan.captures.get(hook)
         if selection is None:
             return
@@ -395,6 +456,89 @@ class ActivationRecorder:
                 capture.append(hook, part, self._allow_faults)
             except Exception as exc:  # noqa: BLE001
                 capture.error = capture.error or f"capture at {hook} failed: {exc}"
+        self.stats.seconds += time.perf_counter() - start
+
+    def _tap(self, hook: str, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        start = time.perf_counter()
+        try:
+            self._signal_step.record_tap(hook, compute)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("signal tap at %s failed", hook)
+            self._fail_signals(f"signal tap at {hook} failed: {exc}")
+        self.stats.seconds += time.perf_counter() - start
+
+    def _fail_signals(self, message: str) -> None:
+        """Fail this step's signal requests (and only them) and tell the gateway."""
+        step, self._signal_step = self._signal_step, None
+        if step is None:
+            return
+        records = []
+        for entry in step.entries:
+            owner = entry.owner
+            owner.error = owner.error or message
+            if not owner.error_reported:
+                owner.error_reported = True
+                records.append({"k": owner.order.key, "error": owner.error})
+        if records and self._send_signals is not None:
+            self._send_signals(records)
+
+    # ------------------------------------------------------------------ token signals (around the sampler)
+
+    def _on_sample_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        step = self._signal_step
+        if step is None:
+            return
+        start = time.perf_counter()
+        logits = kwargs["logits"] if "logits" in kwargs else args[0]
+        try:
+            self._compute_before_sampling(step, logits)
+        except Exception:  # noqa: BLE001
+            log.exception("token signals failed for the batch; retrying request by request")
+            self._signal_step = self._isolate(step, logits)
+        self.stats.seconds += time.perf_counter() - start
+
+    def _compute_before_sampling(self, step: SignalStep, logits: torch.Tensor) -> None:
+        if self._allow_faults and any(e.owner.order.fault == "signals" for e in step.entries):
+            raise RuntimeError("fault injected into token signals (test only)")
+        step.before_sampling(logits, self._lens_fn)
+
+    def _isolate(self, step: SignalStep, logits: torch.Tensor) -> SignalStep | None:
+        """After a batched failure: fail only the requests that fail on their own, go on with the others."""
+        survivors = []
+        for entry in step.entries:
+            try:
+                self._compute_before_sampling(replace(step, entries=[entry]), logits)
+                survivors.append(entry)
+            except Exception as exc:  # noqa: BLE001
+                self._signal_step = replace(step, entries=[entry])
+                self._fail_signals(f"token signals failed: {exc}")
+        if not survivors:
+            return None
+        retry = replace(step, entries=survivors)
+        try:
+            retry.before_sampling(logits, self._lens_fn)
+        except Exception as exc:  # noqa: BLE001
+            self._signal_step = retry
+            self._fail_signals(f"token signals failed: {exc}")
+            return None
+        return retry
+
+    def _on_sample_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        step, self._signal_step = self._signal_step, None
+        if step is None:
+            return
+        start = time.perf_counter()
+        try:
+            results = step.after_sampling(output.sampled_token_ids)
+            records = []
+            for entry, _ in results:
+                entry.owner.last_signal_index = entry.token_index
+                records.append({"k": entry.owner.order.key, "s": entry.signals.to_json()})
+            self._send_signals(records)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("token signals failed")
+            self._signal_step = step
+            self._fail_signals(f"token signals failed: {exc}")
         self.stats.seconds += time.perf_counter() - start
 
     def _visit(self, hook: str, read: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor) -> None:
@@ -457,6 +601,16 @@ class ActivationRecorder:
             return
         normed = output[0] if isinstance(output, tuple) else output
         self._visit("ln_final.hook_normalized", partial(_rows, normed), normed)
+
+
+def _prepared(edits: tuple[EditOrder, ...]) -> list[tuple[EditOrder, torch.Tensor | None, torch.Tensor | None]]:
+    """Each edit with its vector `[d_model]` and, for adds, `scale * vector` `[1, d_model]`, made once."""
+    prepared = []
+    for edit in edits:
+        vector = edit.vector_tensor()
+        scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
+        prepared.append((edit, vector, scaled))
+    return prepared
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from interpgw.core.errors import Internal
 from interpgw.core.hookpoints import all_hook_names
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
+from interpgw.engine.signal_channel import SignalHub
 from interpgw.engine.stat_logger import EngineStatsCallback, scheduler_stats_logger
 from interpgw.engine.worker_ext import FAULT_INJECTION_ENV
 from interpgw.models.resolve import resolve_model
@@ -57,9 +58,10 @@ def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
 class VllmEngine:
     """One served model."""
 
-    def __init__(self, llm, facts: ModelFacts) -> None:  # noqa: ANN001 - vllm type kept out of signatures
+    def __init__(self, llm, facts: ModelFacts, signals: SignalHub) -> None:  # noqa: ANN001 - vllm type kept out
         self._llm = llm
         self.facts = facts
+        self.signals = signals  # per-token signals pushed by the worker (see signal_channel.py)
 
     @classmethod
     async def start(
@@ -92,7 +94,9 @@ class VllmEngine:
         )
         stat_loggers = [scheduler_stats_logger(on_stats)] if on_stats is not None else None
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=stat_loggers)
-        await llm.collective_rpc("interpgw_install")
+        hub = SignalHub()
+        await hub.start()
+        await llm.collective_rpc("interpgw_install", args=(hub.path,))
         model_config = llm.model_config
         text_config = model_config.hf_config.get_text_config()
         facts = ModelFacts(
@@ -105,7 +109,7 @@ class VllmEngine:
             max_model_len=int(model_config.max_model_len),
             source=str(model_path),
         )
-        engine = cls(llm, facts)
+        engine = cls(llm, facts, hub)
         if probe:
             await engine.probe()
         return engine
@@ -152,7 +156,7 @@ class VllmEngine:
             skip_reading_prefix_cache=True if capture and capture.hooks else None,
         )
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
-        if capture is not None and capture.edits:
+        if capture is not None and capture.may_edit:
             # Edited KV must never be served to a request without the same edits (DESIGN.md hazard 3.2): the salt
             # puts this request's cached blocks in their own namespace.
             prompt["cache_salt"] = capture.edit_salt()
@@ -196,3 +200,4 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+        await self.signals.close()

@@ -11,7 +11,9 @@ from typing import Any
 
 from interpgw.core.capture import EXTRA_ARGS_KEY
 from interpgw.core.wire import dtype_name
+from interpgw.engine.cpu_seed_fix import install_cpu_seed_fix
 from interpgw.engine.recorder import ActivationRecorder, StepLayout
+from interpgw.engine.signal_channel import SignalSender
 
 FAULT_INJECTION_ENV = "INTERPGW_ENABLE_FAULT_INJECTION"
 
@@ -24,14 +26,24 @@ def tensor_to_wire(tensor: Any) -> tuple[str, list[int], bytes]:
     return dtype_name(data), list(data.shape), raw
 
 
+def _drop(records: list[dict]) -> None:
+    """Non-reporting ranks compute signals but send nothing."""
+
+
 class InterpWorkerExtension:
     """Methods prefixed `interpgw_` to stay clear of vLLM's own worker attributes."""
 
-    def interpgw_install(self) -> dict[str, Any]:
+    def interpgw_install(self, signal_path: str | None = None) -> dict[str, Any]:
+        """Install the hooks; `signal_path` is the gateway's socket for per-token signals (None: no signals)."""
+        import torch
+
         runner = self.model_runner  # type: ignore[attr-defined]
         existing = getattr(self, "_interpgw_recorder", None)
         if existing is not None:
             existing.remove()
+        model = runner.get_model()
+        if runner.device.type == "cpu" and not getattr(runner, "_interpgw_seed_fix", False):
+            runner._interpgw_seed_fix = install_cpu_seed_fix(runner)
 
         def layout() -> StepLayout:
             batch = runner.input_batch
@@ -46,11 +58,25 @@ class InterpWorkerExtension:
                 return None
             return extra.get(EXTRA_ARGS_KEY)
 
+        def lens(hidden: torch.Tensor) -> torch.Tensor:
+            """[m, d_model] -> [m, vocab] logits through the engine's own final norm and unembedding."""
+            normed = recorder.modules.final_norm(hidden.to(model_dtype))
+            normed = normed[0] if isinstance(normed, tuple) else normed
+            return model.compute_logits(normed)
+
+        model_dtype = runner.model_config.dtype
+        sender = SignalSender(signal_path) if signal_path else None
+        # Every rank computes the signals (a STEER monitor must arm the same edits on each tensor-parallel rank);
+        # only rank 0 reports them.
+        rank = getattr(self, "rank", 0)
         recorder = ActivationRecorder(
-            runner.get_model(),
+            model,
             layout_fn=layout,
             order_fn=order_for,
             allow_faults=os.environ.get(FAULT_INJECTION_ENV) == "1",
+            sampler=getattr(runner, "sampler", None) if sender is not None else None,
+            lens_fn=lens,
+            send_signals=None if sender is None else sender.send if rank == 0 else _drop,
         )
         self._interpgw_recorder = recorder
         return {"n_layers": recorder.modules.n_layers, "fused_residual": recorder.modules.fused_residual}

@@ -24,12 +24,18 @@ from interpgw.registry.errors import CorruptRecord
 TENSOR_KEY = "vector"  # safetensors tensor name
 METADATA_KEY = "interpgw"  # safetensors metadata key holding the JSON of every other field
 FORMAT_VERSION = 1
-METHODS = ("tensor", "mean_diff", "pca")
+METHODS = ("tensor", "mean_diff", "pca", "logistic")
+KINDS = ("vector", "probe")  # steering vectors and linear probes share the registry (both: rows of [d_model])
 
 
 def new_vector_id() -> str:
     """A fresh registry id: "vec_" + 16 hex characters."""
     return "vec_" + uuid.uuid4().hex[:16]
+
+
+def new_probe_id() -> str:
+    """A fresh probe id: "prb_" + 16 hex characters."""
+    return "prb_" + uuid.uuid4().hex[:16]
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -39,7 +45,8 @@ def _digest(tensor: torch.Tensor) -> str:
 
 @dataclass(eq=False)
 class VectorRecord:
-    """A named steering vector: one row per hook point of one model."""
+    """A named steering vector (one row per hook point of one model), or a linear probe (kind "probe": one row,
+    the weight; bias, metrics and calibration in `extra`)."""
 
     id: str
     model: str
@@ -53,6 +60,8 @@ class VectorRecord:
     description: str = ""
     separation: tuple[float, ...] = ()  # per-hook separation score of the contrast (empty for "tensor")
     owner: str = ""  # tenant; "" = public
+    kind: str = "vector"  # "vector" | "probe"
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-safe kind-specific fields (probes: bias, auroc, ...)
 
     def __post_init__(self) -> None:
         self.hooks = tuple(self.hooks)
@@ -70,6 +79,8 @@ class VectorRecord:
             raise ValueError(f"duplicate hook names in {self.hooks}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown record kind {self.kind!r}; expected one of {KINDS}")
 
     def vector_for(self, hook: str) -> torch.Tensor:
         """The row for `hook`: [d_model]. KeyError if the record has no such hook."""
@@ -93,6 +104,8 @@ class VectorRecord:
             "description": self.description,
             "separation": list(self.separation),
             "owner": self.owner,
+            "kind": self.kind,
+            "extra": self.extra,
         }
 
     def to_bytes(self) -> bytes:
@@ -121,6 +134,8 @@ class VectorRecord:
         if meta.get("sha256") != _digest(tensor):
             raise CorruptRecord(f"vector record {meta.get('id')!r}: tensor checksum mismatch")
         names = {f.name for f in fields(cls)} - {"tensor"}
+        meta.setdefault("kind", "vector")  # records written before probes existed
+        meta.setdefault("extra", {})
         missing = names - set(meta)
         if missing:
             raise CorruptRecord(f"vector record metadata lacks {sorted(missing)}")
@@ -164,6 +179,8 @@ def _check_types(record: VectorRecord) -> None:
     ok = (
         all(isinstance(v, str) for v in (record.id, record.model, record.method, record.name, record.description))
         and isinstance(record.owner, str)
+        and isinstance(record.kind, str)
+        and isinstance(record.extra, dict)
         and all(isinstance(h, str) for h in record.hooks)
         and isinstance(record.d_model, int)
         and isinstance(record.n_pairs, int)

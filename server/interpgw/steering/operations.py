@@ -123,27 +123,28 @@ class SteeringOperations:
             separation=separation,
         )
         await self._gateway.vectors.put(record)
-        await self._registry_changed()
+        await self.registry_changed()
         return record
 
     async def list_vectors(self, model: str = "") -> list[VectorRecord]:
         if model:
             self._gateway.model(model)  # unknown model: INVALID_ARGUMENT rather than an empty list
-        return await self._gateway.vectors.list(model or None)
+        return [r for r in await self._gateway.vectors.list(model or None) if r.kind == "vector"]
 
     async def get_vector(self, vector_id: str) -> VectorRecord:
         record = await self._gateway.vectors.get(vector_id) if vector_id else None
-        if record is None:
+        if record is None or record.kind != "vector":
             raise NotFound(f"no steering vector with id {vector_id!r}")
         return record
 
     async def delete_vector(self, vector_id: str) -> bool:
+        await self.get_vector(vector_id)
         if not await self._gateway.vectors.delete(vector_id):
             raise NotFound(f"no steering vector with id {vector_id!r}")
-        await self._registry_changed()
+        await self.registry_changed()
         return True
 
-    async def _registry_changed(self) -> None:
+    async def registry_changed(self) -> None:
         if self._gateway.metrics is not None:
             self._gateway.metrics.registry_size(await self._gateway.vectors.count())
 

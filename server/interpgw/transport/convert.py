@@ -17,17 +17,23 @@ from interpgw.core.requests import (
     ChatTurn,
     ContrastPairInput,
     GenerateInput,
+    LabelledPromptInput,
+    MonitorFired,
+    MonitorInput,
     PatchInput,
     PatchOutput,
     PromptInput,
     SamplingInput,
+    SignalsInput,
     TracedPrompt,
     TraceInput,
+    TrainProbeInput,
     TrainVectorInput,
 )
 from interpgw.core.wire import dtype_name, tensor_chunks
 from interpgw.engine.base import ModelFacts
 from interpgw.registry.records import VectorRecord
+from interpgw.signals.token_signals import TokenSignals
 from interpgw.v1 import gateway_pb2 as pb
 
 # dtypes accepted in tensors sent by clients
@@ -104,6 +110,7 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         capture=capture_options(request.capture, request.HasField("capture") and bool(request.capture.hooks)),
         interventions=interventions(request.interventions),
         compare_unsteered=request.compare_unsteered,
+        signals=signals_input(request.signals) if request.HasField("signals") else None,
     )
 
 
@@ -116,6 +123,7 @@ def trace_input(request: pb.TraceRequest) -> TraceInput:
         interventions=interventions(request.interventions),
         cache=_CACHE_MODES.get(request.cache, str(request.cache)),
         store=request.store,
+        probes=tuple(request.probes),
     )
 
 
@@ -134,7 +142,127 @@ def trace_prompt_result(traced: TracedPrompt) -> pb.TracePromptResult:
     if traced.top_logits is not None:
         top = traced.top_logits
         result.top_logits.CopyFrom(pb.TopLogits(token_ids=top.token_ids, logprobs=top.logprobs, tokens=top.tokens))
+    for scores in traced.probe_scores:
+        result.probe_scores.add(probe_id=scores.probe_id, scores=scores.scores, pooled=scores.pooled)
     return result
+
+
+# ---------------------------------------------------------------------- signals, monitors, probes
+
+_COMPARISONS = {pb.Monitor.LT: "<", pb.Monitor.LE: "<=", pb.Monitor.GT: ">", pb.Monitor.GE: ">="}
+_MONITOR_REDUCE = {pb.Monitor.ALL: "all", pb.Monitor.MEAN: "mean"}
+_ACTIONS = {pb.Monitor.FLAG: "flag", pb.Monitor.STOP: "stop", pb.Monitor.STEER: "steer"}
+_ACTION_CODES = {name: code for code, name in _ACTIONS.items()}
+
+
+def signals_input(message: pb.SignalRequest) -> SignalsInput:
+    monitors = []
+    for index, m in enumerate(message.monitors):
+        try:
+            monitors.append(
+                MonitorInput(
+                    name=m.name,
+                    signal=m.signal,
+                    op=_enum(_COMPARISONS, m.op, "monitor op"),
+                    threshold=m.threshold,
+                    window=m.window,
+                    reduce=_enum(_MONITOR_REDUCE, m.reduce, "monitor reduce"),
+                    action=_enum(_ACTIONS, m.action, "monitor action"),
+                    interventions=interventions(m.interventions),
+                )
+            )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"monitor {index}: {exc}") from None
+    return SignalsInput(
+        distribution=message.distribution,
+        lens_layers=tuple(message.lens_layers),
+        probes=tuple(message.probes),
+        monitors=tuple(monitors),
+        eigenscore_samples=message.eigenscore_samples,
+        eigenscore_layer=message.eigenscore_layer if message.HasField("eigenscore_layer") else None,
+    )
+
+
+def _enum(table: dict, value: int, what: str) -> str:
+    if value not in table:
+        raise InvalidArgument(f"unknown {what} {value}; valid: {', '.join(f'{k} ({v})' for k, v in table.items())}")
+    return table[value]
+
+
+def token_signals(item: TokenSignals) -> pb.TokenSignals:
+    message = pb.TokenSignals(
+        index=item.index,
+        token_id=item.token_id,
+        lens_layers=item.lens_layers,
+        lens_kl=item.lens_kl,
+        lens_top1=item.lens_top1,
+        probe_ids=item.probe_ids,
+        probe_scores=item.probe_scores,
+        probe_quantiles=item.probe_quantiles,
+    )
+    for name in ("entropy", "logprob", "rank", "margin", "lens_earliest"):
+        value = getattr(item, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def monitor_event(event: MonitorFired) -> pb.MonitorEvent:
+    return pb.MonitorEvent(
+        monitor=event.monitor,
+        token_index=event.token_index,
+        signal=event.signal,
+        value=event.value,
+        action=_ACTION_CODES[event.action],
+        variant=event.variant,
+    )
+
+
+_PROBE_POSITIONS = {pb.TrainProbeRequest.LAST: "last", pb.TrainProbeRequest.MEAN: "mean"}
+
+
+def train_probe_input(request: pb.TrainProbeRequest) -> TrainProbeInput:
+    examples = []
+    for index, example in enumerate(request.examples):
+        try:
+            examples.append(LabelledPromptInput(prompt_input(example.prompt), example.label))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"example {index}: {exc}") from None
+    return TrainProbeInput(
+        examples=tuple(examples),
+        hook=request.hook,
+        position=_enum(_PROBE_POSITIONS, request.position, "probe position"),
+        test_fraction=request.test_fraction,
+        seed=request.seed,
+        l2=request.l2 if request.HasField("l2") else 1e-2,
+        model=request.model,
+        name=request.name,
+        description=request.description,
+    )
+
+
+def probe(record: VectorRecord, with_tensor: bool = True) -> pb.Probe:
+    extra = record.extra
+    message = pb.Probe(
+        id=record.id,
+        model=record.model,
+        name=record.name,
+        description=record.description,
+        hook=record.hooks[0],
+        d_model=record.d_model,
+        bias=float(extra.get("bias", 0.0)),
+        position=str(extra.get("position", "last")),
+        train_auroc=float(extra.get("train_auroc", float("nan"))),
+        test_auroc=float(extra.get("test_auroc", float("nan"))),
+        test_accuracy=float(extra.get("test_accuracy", float("nan"))),
+        n_train=int(extra.get("n_train", 0)),
+        n_test=int(extra.get("n_test", 0)),
+        quantiles=list(extra.get("quantiles") or ()),
+    )
+    message.created.FromNanoseconds(int(record.created * 1e9))
+    if with_tensor:
+        message.weight.CopyFrom(tensor_to_proto(record.tensor[0]))
+    return message
 
 
 # ---------------------------------------------------------------------- tensors from clients

@@ -46,7 +46,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         async for event in self.service.generate(convert.generate_input(request), fault=_fault(context)):
             if isinstance(event, TokenDelta):
                 token = pb.TokenEvent(
-                    index=event.index, token_ids=event.token_ids, text=event.text, variant=event.variant
+                    index=event.index,
+                    token_ids=event.token_ids,
+                    text=event.text,
+                    variant=event.variant,
+                    signals=[convert.token_signals(s) for s in event.signals],
+                    events=[convert.monitor_event(e) for e in event.events],
                 )
                 yield pb.GenerateResponse(token=token)
             elif isinstance(event, GenerateDone):
@@ -63,6 +68,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     captured_positions=positions,
                     cached_prompt_tokens=event.cached_prompt_tokens,
                     variant=event.variant,
+                    scores=event.scores,
+                    monitor_events=[convert.monitor_event(e) for e in event.monitor_events],
                 )
                 if event.seed is not None:
                     done.seed = event.seed
@@ -110,6 +117,25 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @unary
     async def DeleteVector(self, request: pb.DeleteVectorRequest, context: grpc.aio.ServicerContext):
         return pb.DeleteVectorResponse(deleted=await self.service.steering.delete_vector(request.id))
+
+    # ------------------------------------------------------------------ probes
+
+    @unary
+    async def TrainProbe(self, request: pb.TrainProbeRequest, context: grpc.aio.ServicerContext):
+        return convert.probe(await self.service.probes.train(convert.train_probe_input(request)))
+
+    @unary
+    async def ListProbes(self, request: pb.ListProbesRequest, context: grpc.aio.ServicerContext):
+        records = await self.service.probes.list(request.model)
+        return pb.ListProbesResponse(probes=[convert.probe(r, with_tensor=False) for r in records])
+
+    @unary
+    async def GetProbe(self, request: pb.GetProbeRequest, context: grpc.aio.ServicerContext):
+        return convert.probe(await self.service.probes.get(request.id))
+
+    @unary
+    async def DeleteProbe(self, request: pb.DeleteProbeRequest, context: grpc.aio.ServicerContext):
+        return pb.DeleteProbeResponse(deleted=await self.service.probes.delete(request.id))
 
     # ------------------------------------------------------------------ patching
 

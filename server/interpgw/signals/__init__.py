@@ -1,0 +1,1 @@
+"""Hallucination-detection signals: token signals, probes, monitors, sequence scores."""
