@@ -272,3 +272,14 @@ def test_readme_steering_example_runs(default_gateway) -> None:  # noqa: ANN001
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert "True (30, 8)" in out.stdout, out.stdout
+
+
+def test_readme_signals_example_runs(default_gateway) -> None:  # noqa: ANN001
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    signals = next(b for b in blocks if "client.probes.train" in b)
+    check = "\nprint(len(out.signals) == len(out.token_ids), out.signals[0].probe_ids == [probe.id], '<span' in html)\n"
+    code = (blocks[0] + signals + check).replace('"localhost:50051"', repr(default_gateway.address))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert "True True True" in out.stdout, out.stdout

@@ -59,12 +59,13 @@ class SignalStep:
         rows = torch.tensor([e.batch_index for e in self.entries], device=logits.device)
         self._logprobs, probs, entropy, margin = distribution_stats(logits.index_select(0, rows))
         by_layer: dict[int, list[int]] = {}  # lens layer -> entries that want it, in entry order
+        entropy_list, margin_list = entropy.tolist(), margin.tolist()  # one conversion, not one per entry
         for i, entry in enumerate(self.entries):
             order = entry.owner.signals
             signals = TokenSignals(index=entry.token_index, token_id=-1)
             if order.distribution:
-                signals.entropy = float(entropy[i])
-                signals.margin = float(margin[i])
+                signals.entropy = entropy_list[i]
+                signals.margin = margin_list[i]
             for layer in order.lens_layers:
                 by_layer.setdefault(layer, []).append(i)
             if order.probes:
@@ -104,13 +105,14 @@ class SignalStep:
         rows = torch.tensor([e.batch_index for e in self.entries], device=sampled.device)
         chosen = sampled.index_select(0, rows)[:, 0].long()  # [n]
         logprob, rank = chosen_logprob_and_rank(self._logprobs, chosen)
+        chosen_list, logprob_list, rank_list = chosen.tolist(), logprob.tolist(), rank.tolist()
         results = []
         for i, entry in enumerate(self.entries):
             signals = entry.signals
-            signals.token_id = int(chosen[i])
+            signals.token_id = chosen_list[i]
             if entry.owner.signals.distribution:
-                signals.logprob = float(logprob[i])
-                signals.rank = int(rank[i])
+                signals.logprob = logprob_list[i]
+                signals.rank = rank_list[i]
             if signals.lens_layers:
                 signals.lens_earliest = earliest_agreeing_layer(
                     signals.lens_layers, list(signals.lens_top1), signals.token_id
