@@ -88,3 +88,13 @@ class GatewayProcess:
             self.process.wait(10)
         self._log.close()
         return self.process.returncode
+
+
+def run_cli(address: str, *args: str) -> subprocess.CompletedProcess:
+    """The `interpgw` CLI against a gateway, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "interpgw_client.cli", *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -15,6 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gateway_process import run_cli
 from interpgw.core.wire import CHUNK_BYTES
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
@@ -220,15 +221,6 @@ def test_health_and_reflection(default_gateway) -> None:  # noqa: ANN001
         (response,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in response.list_services_response.service}
         assert {"interpgw.v1.Gateway", "grpc.health.v1.Health"} <= names
-
-
-def run_cli(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "interpgw_client.cli", *args, "--address", address],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_cli_generate_and_trace(default_gateway) -> None:  # noqa: ANN001

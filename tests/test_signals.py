@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from gateway_process import run_cli
 from interpgw_client import AsyncClient, Client, Intervention, Monitor, Signals
 from interpgw_client.errors import InternalError, InvalidArgumentError, NotFoundError
 from reference import hf_greedy, hf_token_signals
@@ -359,3 +360,32 @@ def test_a_failing_signal_computation_fails_only_its_request(default_gateway) ->
     faulty, *others = asyncio.run(run())
     assert isinstance(faulty, InternalError) and "token signals failed" in str(faulty)
     assert all(len(r.signals) == 8 for r in others)
+
+
+def test_cli_probe_commands_and_generate_with_signals(tiny_gateway, tmp_path, truth_rows) -> None:  # noqa: ANN001
+    data = tmp_path / "statements.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in truth_rows[:40]) + "\n")
+    trained = run_cli(tiny_gateway.address, "probe", "train", "--file", str(data), "--layer", "2", "--name", "cli")
+    assert trained.returncode == 0, trained.stderr
+    probe_id = trained.stdout.split()[0]
+    assert probe_id.startswith("prb_")
+    listed = run_cli(tiny_gateway.address, "probe", "list")
+    assert probe_id in listed.stdout and "blocks.2.hook_resid_post" in listed.stdout
+    out = run_cli(
+        tiny_gateway.address,
+        "generate",
+        "Hello",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--lens",
+        "1",
+        "--probe",
+        probe_id,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "entropy" in out.stdout and probe_id in out.stdout, out.stdout
+    assert run_cli(tiny_gateway.address, "probe", "delete", probe_id).returncode == 0
+    missing = run_cli(tiny_gateway.address, "probe", "get", probe_id)
+    assert missing.returncode == 1 and "no probe" in missing.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
@@ -136,20 +138,31 @@ def _vector_json(vector: SteeringVector) -> str:
     return json.dumps(fields | {"created": created, "separation": [round(s, 4) for s in vector.separation]})
 
 
-def _read_pairs(path: str) -> list[dict]:
-    """JSON lines {"positive": ..., "negative": ...} (a prompt each: text, chat messages or token ids)."""
-    pairs = []
+def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-empty line of a JSON-lines file."""
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(item, dict) or not {"positive", "negative"} <= set(item):
-                raise ValueError(f'{path}:{number}: expected {{"positive": ..., "negative": ...}}')
-            pairs.append({"positive": item["positive"], "negative": item["negative"]})
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _read_pairs(path: str) -> list[dict]:
+    """JSON lines {"positive": ..., "negative": ...} (a prompt each: text, chat messages or token ids)."""
+    pairs = []
+    for number, item in _json_lines(path):
+        if not isinstance(item, dict) or not {"positive", "negative"} <= set(item):
+            raise ValueError(f'{path}:{number}: expected {{"positive": ..., "negative": ...}}')
+        pairs.append({"positive": item["positive"], "negative": item["negative"]})
     return pairs
 
 
@@ -188,9 +201,7 @@ def cmd_steer_list(args: argparse.Namespace) -> None:
         )
         for v in vectors
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
 
 
 def cmd_steer_get(args: argparse.Namespace) -> None:
@@ -225,18 +236,11 @@ def _probe_json(probe: Probe) -> str:
 def _read_examples(path: str) -> list[dict]:
     """JSON lines {"statement" | "text" | "prompt": ..., "label": true/false or 1/0}; other keys are ignored."""
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            keys = [k for k in ("statement", "text", "prompt") if isinstance(item, dict) and k in item]
-            if len(keys) != 1 or "label" not in item:
-                raise ValueError(f'{path}:{number}: expected {{"statement" | "text" | "prompt": ..., "label": ...}}')
-            examples.append({"prompt": item[keys[0]], "label": item["label"]})
+    for number, item in _json_lines(path):
+        keys = [k for k in ("statement", "text", "prompt") if isinstance(item, dict) and k in item]
+        if len(keys) != 1 or "label" not in item:
+            raise ValueError(f'{path}:{number}: expected {{"statement" | "text" | "prompt": ..., "label": ...}}')
+        examples.append({"prompt": item[keys[0]], "label": item["label"]})
     return examples
 
 
@@ -275,9 +279,7 @@ def cmd_probe_list(args: argparse.Namespace) -> None:
         )
         for p in probes
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
 
 
 def cmd_probe_get(args: argparse.Namespace) -> None:

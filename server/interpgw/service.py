@@ -326,15 +326,7 @@ class GatewayService:
                 generated=True,
                 dtype="float32",
             )
-            collected = False
-            try:
-                async for _ in self._engine_steps(served, key, prompt_ids, replace(sampling, seed=seed), order):
-                    pass
-                result = (await served.engine.collect([key]))[key]
-                collected = True
-            finally:
-                if not collected:
-                    _discard_later(served.engine, [key])
+            result = await self._run_to_end(served, prompt_ids, replace(sampling, seed=seed), order)
             return _captured(result, order, served.facts).tensors[hook][-1]  # [d_model]
 
         embeddings = await asyncio.gather(*(sample(i) for i in range(signals.eigenscore_samples)))
@@ -574,19 +566,25 @@ class GatewayService:
             dtype="float32",
             edits=edits,
         )
+        result = await self._run_to_end(served, prompt_ids, SamplingOptions(max_tokens=1, temperature=0.0), order)
+        captured = _captured(result, order, served.facts)
+        return captured.tensors if captured is not None else {}
+
+    async def _run_to_end(
+        self, served: ServedModel, prompt_ids: list[int], sampling: SamplingOptions, order: HookOrder
+    ) -> CaptureResult:
+        """Run one internal request (its id is the order's key) to the end and collect its capture; a cancelled
+        run frees the worker's partial capture."""
         collected = False
         try:
-            async for _ in self._engine_steps(
-                served, key, prompt_ids, SamplingOptions(max_tokens=1, temperature=0.0), order
-            ):
+            async for _ in self._engine_steps(served, order.key, prompt_ids, sampling, order):
                 pass
-            result = (await served.engine.collect([key]))[key]
+            result = (await served.engine.collect([order.key]))[order.key]
             collected = True
         finally:
             if not collected:
-                _discard_later(served.engine, [key])
-        captured = _captured(result, order, served.facts)
-        return captured.tensors if captured is not None else {}
+                _discard_later(served.engine, [order.key])
+        return result
 
     async def _reference_mean(
         self, served: ServedModel, hook: str, prompts: Sequence[PromptInput], handles: Sequence[str] = ()
