@@ -31,7 +31,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
-from trace_throughput import RunStats, _result_stats, load_prompts, model_dir  # noqa: E402
+from trace_throughput import RunStats, _result_stats, interleaved_rounds, load_prompts, model_dir  # noqa: E402
 
 HOOK = "blocks.15.hook_resid_post"
 SCALE = 4.0
@@ -64,19 +64,11 @@ async def measure_all(address: str, prompts: list[str], new_tokens: int, repeats
         return _result_stats(results, time.perf_counter() - start)
 
     names = ("none", "shared", "distinct")
-    runs: dict[str, list[RunStats]] = {n: [] for n in names}
     try:
-        for name in names:  # warm-up
-            await once(name)
-        for round_ in range(repeats):
-            for name in names:
-                stats = await once(name)
-                runs[name].append(stats)
-                print(f"  round {round_}: {name:9s} {stats.generated_tokens / stats.seconds:7.1f} tok/s", flush=True)
+        return await interleaved_rounds(once, names, repeats)
     finally:
         await client.steering.delete(shared.id)
         await client.close()
-    return runs
 
 
 def main() -> None:

@@ -212,6 +212,22 @@ def _sdk_supports_ignore_eos() -> bool:
     return "ignore_eos" in inspect.signature(AsyncClient.generate_stream).parameters
 
 
+async def interleaved_rounds(
+    once: Callable[[str], Awaitable[RunStats]], names: Sequence[str], repeats: int
+) -> dict[str, list[RunStats]]:
+    """One untimed warm-up round of each configuration, then `repeats` rounds that interleave them, so slow drift
+    of the machine hits every configuration alike."""
+    runs: dict[str, list[RunStats]] = {n: [] for n in names}
+    for name in names:  # warm-up
+        await once(name)
+    for round_ in range(repeats):
+        for name in names:
+            stats = await once(name)
+            runs[name].append(stats)
+            print(f"  round {round_}: {name:9s} {stats.generated_tokens / stats.seconds:7.1f} tok/s", flush=True)
+    return runs
+
+
 def _result_stats(results: Sequence[Any], seconds: float) -> RunStats:
     tensors = [t for r in results for t in r.activations.values()]
     return RunStats(

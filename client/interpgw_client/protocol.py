@@ -19,7 +19,7 @@ from interpgw_client.signals import (
     TokenSignals,
     build_signals,
 )
-from interpgw_client.tensors import decode
+from interpgw_client.tensors import decode, is_index
 
 # A prompt: text, chat messages ([{"role": ..., "content": ...}]) or token ids.
 PromptLike = str | Sequence[dict] | Sequence[int]
@@ -261,11 +261,6 @@ def build_positions(positions: PositionsLike) -> pb.PositionSelector:
     return pb.PositionSelector(mode=pb.PositionSelector.INDICES, indices=[int(p) for p in positions])
 
 
-def _is_index(value: object) -> bool:
-    """An int or numpy integer, not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 _TARGET_MODES = {
     "all": pb.InterventionTarget.ALL,
     "prompt": pb.InterventionTarget.PROMPT,
@@ -283,16 +278,16 @@ def build_target(positions: TargetLike, window: tuple[int | None, int | None] | 
         if positions not in _TARGET_MODES:
             raise ValueError(f"intervention positions must be {_TARGET_CHOICES}, got {positions!r}")
         target = T(mode=_TARGET_MODES[positions])
-    elif _is_index(positions):
+    elif is_index(positions):
         target = T(mode=T.INDICES, indices=[operator.index(positions)])  # type: ignore[arg-type]
     elif isinstance(positions, Sequence) and len(positions) == 2 and positions[0] == "last":
         n = positions[1]
-        if not _is_index(n) or operator.index(n) < 1:
+        if not is_index(n) or operator.index(n) < 1:
             raise ValueError(f"intervention positions ('last', n) need an integer n >= 1, got {n!r}")
         target = T(mode=T.LAST_N, n=operator.index(n))
     else:
         items = list(positions) if isinstance(positions, Sequence | np.ndarray) else None
-        if not items or not all(_is_index(p) for p in items):
+        if not items or not all(is_index(p) for p in items):
             raise ValueError(f"intervention positions must be {_TARGET_CHOICES}, got {positions!r}")
         target = T(mode=T.INDICES, indices=[operator.index(p) for p in items])
     if window is not None:
@@ -534,7 +529,7 @@ def build_pair(pair: PairLike, add_generation_prompt: bool = True) -> pb.Contras
 
 def resid_post_hooks(layers: Sequence[int] | int) -> list[str]:
     """Layer numbers (negative from the end) as their residual-stream output hooks."""
-    if _is_index(layers):
+    if is_index(layers):
         layers = [layers]  # type: ignore[list-item]
     return [f"blocks.{operator.index(layer)}.hook_resid_post" for layer in layers]  # type: ignore[union-attr]
 
@@ -581,7 +576,7 @@ def _set_token(metric: pb.PatchMetric, role: str, token: int | str) -> None:
     """A token by id or by text (which must encode to exactly one token)."""
     if isinstance(token, str):
         setattr(metric, f"{role}_text", token)
-    elif _is_index(token):
+    elif is_index(token):
         setattr(metric, f"{role}_id", operator.index(token))
     else:
         raise TypeError(f"{role} is a token id or a one-token string, got {token!r}")
@@ -611,7 +606,7 @@ def build_patch(
         _set_token(spec, "foil", foil)
     elif metric == "logit_diff":
         raise ValueError("metric 'logit_diff' needs a foil token (an id or a one-token string)")
-    if layers is not None and _is_index(layers):
+    if layers is not None and is_index(layers):
         layers = [layers]  # type: ignore[list-item]
     request = pb.PatchRequest(
         model=model,

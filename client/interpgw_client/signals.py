@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from interpgw.v1 import gateway_pb2 as pb
-from interpgw_client.tensors import to_numpy
+from interpgw_client.tensors import is_index, to_numpy
 
 if TYPE_CHECKING:
     from interpgw_client.protocol import InterventionLike, SteerLike
@@ -28,11 +28,6 @@ DISTRIBUTION_SIGNALS = ("entropy", "logprob", "rank", "margin")
 _SIGNAL_FORMS = "entropy, logprob, rank, margin, lens_kl:<layer>, lens_earliest, probe:<id>"
 PROBE_POSITIONS = {"last": pb.TrainProbeRequest.LAST, "mean": pb.TrainProbeRequest.MEAN}
 _PROMPT_KEYS = ("prompt", "text", "statement")
-
-
-def _is_index(value: object) -> bool:
-    """An int or numpy integer, not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def check_signal(signal: str) -> str:
@@ -83,7 +78,7 @@ class Monitor:
         self.action = self.action.lower() if isinstance(self.action, str) else self.action
         if self.action not in ACTIONS:
             raise ValueError(f"monitor action must be one of {list(ACTIONS)}, got {self.action!r}")
-        if not _is_index(self.window) or self.window < 0:
+        if not is_index(self.window) or self.window < 0:
             raise ValueError(
                 f"monitor window is a number of tokens >= 0 (0 or 1: each token alone), got {self.window!r}"
             )
@@ -139,9 +134,9 @@ class Signals:
     eigenscore_layer: int | None = None
 
     def __post_init__(self) -> None:
-        if _is_index(self.lens_layers):
+        if is_index(self.lens_layers):
             self.lens_layers = [self.lens_layers]  # type: ignore[list-item]
-        if not all(_is_index(layer) for layer in self.lens_layers):
+        if not all(is_index(layer) for layer in self.lens_layers):
             raise ValueError(f"lens_layers are layer numbers (negative from the end), got {self.lens_layers!r}")
         self.lens_layers = [operator.index(layer) for layer in self.lens_layers]
         if isinstance(self.probes, str):
@@ -154,10 +149,10 @@ class Signals:
         self.monitors = [build_monitor(m) for m in self.monitors]
         if any(m.signal == "lens_earliest" for m in self.monitors) and not self.lens_layers:  # type: ignore[union-attr]
             raise ValueError("a monitor on lens_earliest needs lens_layers")
-        if not _is_index(self.eigenscore_samples) or self.eigenscore_samples == 1 or self.eigenscore_samples < 0:
+        if not is_index(self.eigenscore_samples) or self.eigenscore_samples == 1 or self.eigenscore_samples < 0:
             raise ValueError(f"eigenscore_samples is 0 (off) or >= 2, got {self.eigenscore_samples!r}")
         if self.eigenscore_layer is not None:
-            if not _is_index(self.eigenscore_layer):
+            if not is_index(self.eigenscore_layer):
                 raise ValueError(f"eigenscore_layer is a layer number, got {self.eigenscore_layer!r}")
             if not self.eigenscore_samples:
                 raise ValueError("eigenscore_layer needs eigenscore_samples >= 2")
@@ -342,7 +337,7 @@ ExampleLike = tuple[Any, Any] | dict
 def _label(value: object, where: str) -> bool:
     if isinstance(value, bool | np.bool_):
         return bool(value)
-    if _is_index(value) and operator.index(value) in (0, 1):  # type: ignore[arg-type]
+    if is_index(value) and operator.index(value) in (0, 1):  # type: ignore[arg-type]
         return bool(value)
     raise ValueError(f"{where}: a label is a bool (or 0/1), got {value!r}")
 
@@ -383,7 +378,7 @@ def build_train_probe(
     if hook is not None and layer is not None:
         raise ValueError("give hook or layer, not both")
     if layer is not None:
-        if not _is_index(layer):
+        if not is_index(layer):
             raise ValueError(f"layer is a layer number (negative from the end), got {layer!r}")
         hook = f"blocks.{operator.index(layer)}.hook_resid_post"
     if position not in PROBE_POSITIONS:

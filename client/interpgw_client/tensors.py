@@ -43,3 +43,8 @@ def to_torch(dtype: str, shape: tuple[int, ...], data: bytes | bytearray) -> Any
 
 def decode(dtype: str, shape: tuple[int, ...], data: bytes | bytearray, as_torch: bool = False) -> Any:
     return to_torch(dtype, shape, data) if as_torch else to_numpy(dtype, shape, data)
+
+
+def is_index(value: object) -> bool:
+    """An int or numpy integer, not a bool (positions, layers and counts accept numpy's integers too)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -267,6 +267,7 @@ class ActivationRecorder:
 
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._plan = None
+        self._signal_step = None  # never let a failed plan leave the previous step's signal entries behind
         start = time.perf_counter()
         try:
             self._plan = self._build_plan(args, kwargs)

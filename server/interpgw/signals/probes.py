@@ -22,6 +22,7 @@ from interpgw.core.requests import TrainProbeInput
 from interpgw.registry.records import VectorRecord, new_probe_id
 from interpgw.signals.orders import ProbeOrder
 from interpgw.signals.probe_fit import quantile_of, train_probe
+from interpgw.steering.operations import check_label
 from interpgw.steering.training import mean_over_tokens
 
 if TYPE_CHECKING:
@@ -112,8 +113,6 @@ class ProbeOperations:
             fit = await asyncio.to_thread(train_probe, features, labels, test_fraction, request.seed, request.l2)
         except ValueError as exc:
             raise InvalidArgument(f"probe training failed: {exc}") from None
-        from interpgw.steering.operations import _check_label
-
         record = VectorRecord(
             id=new_probe_id(),
             model=facts.id,
@@ -123,8 +122,8 @@ class ProbeOperations:
             method="logistic",
             n_pairs=len(request.examples),
             created=time.time(),
-            name=_check_label(request.name, "name"),
-            description=_check_label(request.description, "description", 4096),
+            name=check_label(request.name, "name"),
+            description=check_label(request.description, "description", 4096),
             kind="probe",
             extra={
                 "bias": fit.bias,

@@ -118,8 +118,8 @@ class SteeringOperations:
             method=method,
             n_pairs=n_pairs,
             created=time.time(),
-            name=_check_label(name, "name"),
-            description=_check_label(description, "description", 4096),
+            name=check_label(name, "name"),
+            description=check_label(description, "description", 4096),
             separation=separation,
         )
         await self._gateway.vectors.put(record)
@@ -225,7 +225,7 @@ class SteeringOperations:
         )
 
 
-def _check_label(text: str, what: str, limit: int = 256) -> str:
+def check_label(text: str, what: str, limit: int = 256) -> str:
     if len(text) > limit:
         raise InvalidArgument(f"{what} is {len(text)} characters; at most {limit} are allowed")
     return text
