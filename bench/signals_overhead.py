@@ -15,10 +15,8 @@ rounds is reported. Goal (issue 5): signals >= 0.9 of off. Run from the reposito
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
-from trace_throughput import RunStats, _result_stats, interleaved_rounds, load_prompts, model_dir  # noqa: E402
+from trace_throughput import RunStats, _result_stats, interleaved_rounds, overhead_run  # noqa: E402
 
 LENS_LAYERS = (7, 15, 23)
 PROBE_LAYER = 15
@@ -61,26 +59,8 @@ async def measure_all(address: str, prompts: list[str], new_tokens: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=BENCH / "signals_overhead.json")
-    args = parser.parse_args()
-
-    from gateway_process import GatewayProcess
-
-    prompts, source = load_prompts(args.prompts, None)
-    model_dir()
-    gateway = GatewayProcess("--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600)
-    try:
-        runs = asyncio.run(measure_all(gateway.address, prompts, args.new_tokens, args.repeats))
-    finally:
-        gateway.stop()
-
-    rate = {name: statistics.median(r.generated_tokens / r.seconds for r in stats) for name, stats in runs.items()}
+    args, prompts, runs, rate = overhead_run(__doc__, BENCH / "signals_overhead.json", measure_all)
     ratio = rate["signals"] / rate["off"]
-    print(f"\n{len(prompts)} prompts ({source}) x {args.new_tokens} tokens, median of {args.repeats} rounds")
     print(f"{'config':58s} {'tok/s':>8s} {'vs off':>8s}  goal")
     print(f"{'signals off':58s} {rate['off']:8.1f} {1.0:8.3f}")
     label = f"entropy+logprob+rank+margin, lens at {list(LENS_LAYERS)}, 1 probe"

@@ -18,10 +18,8 @@ and distinct >= 0.90 of unsteered. Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
-from trace_throughput import RunStats, _result_stats, interleaved_rounds, load_prompts, model_dir  # noqa: E402
+from trace_throughput import RunStats, _result_stats, interleaved_rounds, overhead_run  # noqa: E402
 
 HOOK = "blocks.15.hook_resid_post"
 SCALE = 4.0
@@ -72,25 +70,7 @@ async def measure_all(address: str, prompts: list[str], new_tokens: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=BENCH / "steering_overhead.json")
-    args = parser.parse_args()
-
-    from gateway_process import GatewayProcess
-
-    prompts, source = load_prompts(args.prompts, None)
-    model_dir()
-    gateway = GatewayProcess("--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600)
-    try:
-        runs = asyncio.run(measure_all(gateway.address, prompts, args.new_tokens, args.repeats))
-    finally:
-        gateway.stop()
-
-    rate = {name: statistics.median(r.generated_tokens / r.seconds for r in stats) for name, stats in runs.items()}
-    print(f"\n{len(prompts)} prompts ({source}) x {args.new_tokens} tokens, median of {args.repeats} rounds")
+    args, prompts, runs, rate = overhead_run(__doc__, BENCH / "steering_overhead.json", measure_all)
     print(f"{'config':40s} {'tok/s':>8s} {'vs none':>8s}  goal")
     labels = {
         "none": ("no steering", ""),

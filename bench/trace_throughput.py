@@ -228,6 +228,32 @@ async def interleaved_rounds(
     return runs
 
 
+def overhead_run(
+    description: str, default_json: Path, measure_all: Callable[[str, list[str], int, int], Awaitable[dict]]
+) -> tuple[argparse.Namespace, list[str], dict[str, list[RunStats]], dict[str, float]]:
+    """The shared frame of the overhead benchmarks: flags, one bf16 gateway, `measure_all(address, prompts,
+    new_tokens, repeats)`, and each configuration's median tokens/s."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=default_json)
+    args = parser.parse_args()
+
+    from gateway_process import GatewayProcess
+
+    prompts, source = load_prompts(args.prompts, None)
+    model_dir()
+    gateway = GatewayProcess("--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600)
+    try:
+        runs = asyncio.run(measure_all(gateway.address, prompts, args.new_tokens, args.repeats))
+    finally:
+        gateway.stop()
+    rate = {name: statistics.median(r.generated_tokens / r.seconds for r in stats) for name, stats in runs.items()}
+    print(f"\n{len(prompts)} prompts ({source}) x {args.new_tokens} tokens, median of {args.repeats} rounds")
+    return args, prompts, runs, rate
+
+
 def _result_stats(results: Sequence[Any], seconds: float) -> RunStats:
     tensors = [t for r in results for t in r.activations.values()]
     return RunStats(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from fake_stubs import AsyncStub
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw_client import AsyncClient, Client, Intervention, cli
@@ -543,20 +544,9 @@ def test_client_steering_and_patch_without_a_server() -> None:
         assert client.steering.delete("vec_1") and not client.steering.delete("vec_9")
         assert client.patch("a", "b", target=3, metric="prob").target_id == 3
 
-    class AsyncStub(FakeStub):
-        def __getattribute__(self, name: str) -> object:
-            method = super().__getattribute__(name)
-            if name[0].isupper():
-
-                async def call(request: object, **kwargs: object) -> object:
-                    return method(request, **kwargs)
-
-                return call
-            return method
-
     async def run() -> None:
         async with AsyncClient("localhost:1") as client:
-            client._stub = AsyncStub()  # type: ignore[assignment]
+            client._stub = AsyncStub(FakeStub())  # type: ignore[assignment]
             assert (await client.steering.train([{"positive": "a", "negative": "b"}])).id == "vec_1"
             assert [v.id for v in await client.steering.list()] == ["vec_1", "vec_2"]
             assert await client.steering.delete("vec_1") and (await client.steering.get("x")).d_model == 4

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from fake_stubs import AsyncStub
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw_client import AsyncClient, Client, Intervention, Monitor, Probe, Signals, TokenSignals, cli
@@ -428,20 +429,9 @@ def test_client_probes_without_a_server() -> None:
         assert client.probes.get("prb_1").hook == HOOK
         assert client.probes.delete("prb_1") and not client.probes.delete("prb_9")
 
-    class AsyncStub(ProbeStub):
-        def __getattribute__(self, name: str) -> object:
-            method = super().__getattribute__(name)
-            if name[0].isupper():
-
-                async def call(request: object, **kwargs: object) -> object:
-                    return method(request, **kwargs)
-
-                return call
-            return method
-
     async def run() -> None:
         async with AsyncClient("localhost:1") as client:
-            client._stub = AsyncStub()  # type: ignore[assignment]
+            client._stub = AsyncStub(ProbeStub())  # type: ignore[assignment]
             assert (await client.probes.train(EXAMPLES, position="mean")).id == "prb_1"
             assert [p.weight for p in await client.probes.list()] == [None, None]
             assert (await client.probes.get("prb_1")).d_model == 4

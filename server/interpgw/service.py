@@ -218,6 +218,7 @@ class GatewayService:
         collected = False
         hub = served.engine.signals if signals is not None else None
         token_signals: list[TokenSignals] = []
+        probes = {p.id: p for p in signals.probes} if signals is not None else {}
         fired: list[MonitorFired] = []
         if hub is not None:
             hub.expect(order.key)
@@ -232,7 +233,7 @@ class GatewayService:
                     if hub is not None and token_ids:
                         for j in range(len(token_ids)):
                             item = TokenSignals.from_json(await hub.take(order.key, len(output_ids) + j))
-                            _add_quantiles(item, signals.probes)
+                            _add_quantiles(item, probes)
                             step_signals.append(item)
                             if any(e["action"] == Action.STOP.value for e in item.events):
                                 stop = True
@@ -642,10 +643,9 @@ def _without_steering(order: SignalOrder) -> SignalOrder:
     return replace(order, monitors=tuple(m for m in order.monitors if m.action is not Action.STEER))
 
 
-def _add_quantiles(item: TokenSignals, probes: Sequence[Probe]) -> None:
+def _add_quantiles(item: TokenSignals, probes: dict[str, Probe]) -> None:
     """Each probe score's place among its training scores (calibration lives in the registry, not the worker)."""
-    by_id = {p.id: p for p in probes}
-    item.probe_quantiles = tuple(by_id[i].quantile(s) for i, s in zip(item.probe_ids, item.probe_scores, strict=True))
+    item.probe_quantiles = tuple(probes[i].quantile(s) for i, s in zip(item.probe_ids, item.probe_scores, strict=True))
 
 
 def _discard_later(engine: Engine, keys: list[str]) -> None:

@@ -61,6 +61,7 @@ class _RequestCapture:
     error: str | None = None
     salt: str = ""  # equal for requests with equal edits (counts distinct steering configurations)
     signals: SignalOrder | None = None  # per-token signals to compute at each sampling step
+    tap_hooks: tuple[str, ...] = ()  # hook points whose sampling row the signals read (from `signals`, made once)
     monitor: MonitorState | None = None
     probe_weights: torch.Tensor | None = None  # [n_probes, d_model] float32
     probe_bias: torch.Tensor | None = None  # [n_probes]
@@ -252,6 +253,7 @@ class ActivationRecorder:
             )
             if order.signals is not None:
                 capture.signals = order.signals
+                capture.tap_hooks = order.signals.tap_hooks()
                 capture.monitor = MonitorState(order.signals.monitors) if order.signals.monitors else None
                 if order.signals.probes:
                     capture.probe_weights = torch.stack([p.weight_tensor() for p in order.signals.probes])
@@ -314,7 +316,7 @@ class ActivationRecorder:
                 token_index = int(step_positions[-1]) + 1 - capture.order.prompt_len
                 if token_index > capture.last_signal_index:
                     sampling.append(SamplingEntry(owner=capture, batch_index=i, token_index=token_index))
-                    for hook in capture.signals.tap_hooks():
+                    for hook in capture.tap_hooks:
                         taps[hook].append((capture, hi - 1))
             if capture.order.hooks:
                 keep = capture.rows.mask(step_positions)
