@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from interpgw_client import Client
 
@@ -24,7 +25,14 @@ def free_port() -> int:
 class GatewayProcess:
     """A gateway subprocess; `address` is host:port. Logs go to a temp file, shown if start-up fails."""
 
-    def __init__(self, *args: str, startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        startup_timeout: float = 300.0,
+        env: dict[str, str] | None = None,
+        credentials: Any = None,  # grpc.ChannelCredentials of a TLS gateway, for the readiness check
+    ) -> None:
+        self.credentials = credentials
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_url: str | None = None
@@ -44,7 +52,7 @@ class GatewayProcess:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with Client(self.address) as client:
+        with Client(self.address, credentials=self.credentials) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -67,6 +75,33 @@ class GatewayProcess:
                 return match.group(1)
             time.sleep(0.1)
         return None
+
+    def scrape(self) -> dict[tuple[str, tuple], float]:
+        """Every sample on the gateway's /metrics: (name, sorted labels) -> value."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert self.metrics_url, "the gateway did not print its metrics address"
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the gateway and every process it started (vLLM's engine core and worker)."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
 
     def log_tail(self, n: int = 60) -> str:
         self._log.flush()

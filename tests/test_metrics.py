@@ -19,9 +19,11 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from interpgw.config import LimitsConfig
 from interpgw.core.errors import Internal, InvalidArgument
 from interpgw.engine.base import ModelFacts
 from interpgw.engine.stat_logger import forward_scheduler_stats
+from interpgw.limits import QuotaBook
 from interpgw.metrics import METRIC_NAMES, GatewayMetrics
 from interpgw.transport.errors import streaming, unary
 from interpgw.transport.server import GatewayServer
@@ -218,6 +220,8 @@ class FakeService:
     """Knows one model; any other id is an invalid argument, as in `GatewayService.model`."""
 
     facts = ModelFacts(MODEL, "FakeForCausalLM", 2, 4, 100, "float32", 32, "memory")
+    limits = LimitsConfig()
+    quotas = QuotaBook()
 
     def model(self, model_id: str = "") -> SimpleNamespace:
         if model_id not in ("", MODEL):

@@ -157,23 +157,10 @@ def test_requests_survive_redis_dying_and_caching_resumes(tiny_llama_dir) -> Non
         server.kill()
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_metrics_count_what_happened(tiny_gateway, tiny_client) -> None:  # noqa: ANN001
     assert tiny_gateway.metrics_url, "the gateway did not print its metrics address"
     model = tiny_client.model_info().id
-    before = scrape(tiny_gateway.metrics_url)
+    before = tiny_gateway.scrape()
     prompt = unique_prompt()
     first = tiny_client.trace(prompt, HOOKS, dtype="float32")[0]
     tiny_client.trace(prompt, HOOKS, dtype="float32")  # a cache hit
@@ -185,7 +172,7 @@ def test_metrics_count_what_happened(tiny_gateway, tiny_client) -> None:  # noqa
     vector = tiny_client.steering.create(np.ones(128, dtype=np.float32), ["blocks.1.hook_resid_post"])
     tiny_client.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True, steer=vector.id)
     time.sleep(6)  # the gateway pulls the worker's hook statistics every 5 s
-    after = scrape(tiny_gateway.metrics_url)
+    after = tiny_gateway.scrape()
     tiny_client.steering.delete(vector.id)
 
     def delta(name: str, **labels: str) -> float:

@@ -1,10 +1,11 @@
 """Python SDK for the interpgw interpretability gateway (sync and asyncio), without torch or vLLM."""
 
-from interpgw_client.aio import AsyncClient, AsyncGenerateStream, AsyncProbes, AsyncSteering
-from interpgw_client.client import Client, GenerateStream, Probes, Steering
+from interpgw_client.aio import AsyncClient, AsyncGenerateStream, AsyncKeys, AsyncProbes, AsyncSteering
+from interpgw_client.client import Client, GenerateStream, Keys, Probes, Steering
 from interpgw_client.errors import (
     CancelledError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InterpgwError,
     InvalidArgumentError,
@@ -14,6 +15,7 @@ from interpgw_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from interpgw_client.keys import ApiKeyInfo
 from interpgw_client.protocol import (
     GenerateResult,
     Intervention,
@@ -29,13 +31,16 @@ from interpgw_client.render import HtmlFragment, render_html
 from interpgw_client.signals import Monitor, MonitorEvent, Probe, ProbeScores, Signals, TokenSignals
 
 __all__ = [
+    "ApiKeyInfo",
     "AsyncClient",
     "AsyncGenerateStream",
+    "AsyncKeys",
     "AsyncProbes",
     "AsyncSteering",
     "CancelledError",
     "Client",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "GenerateResult",
     "GenerateStream",
     "HtmlFragment",
@@ -43,6 +48,7 @@ __all__ = [
     "InterpgwError",
     "Intervention",
     "InvalidArgumentError",
+    "Keys",
     "ModelInfo",
     "Monitor",
     "MonitorEvent",

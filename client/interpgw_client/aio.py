@@ -10,8 +10,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
+from interpgw_client import keys as K
 from interpgw_client import protocol as P
 from interpgw_client import signals as S
+from interpgw_client.channels import open_aio_channel, resolve_api_key
 from interpgw_client.client import DEFAULT_ADDRESS
 from interpgw_client.errors import from_rpc_error
 
@@ -59,15 +61,13 @@ class AsyncClient:
         address: str = DEFAULT_ADDRESS,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
         max_message_bytes: int = 64 * 2**20,
     ) -> None:
         options = P.channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._channel = open_aio_channel(address, credentials, resolve_api_key(api_key), options)
         self._stub = pb_grpc.GatewayStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.as_torch = as_torch
@@ -169,6 +169,7 @@ class AsyncClient:
         steer: P.SteerLike | None = None,
         cache: str = "use",
         store: bool = False,
+        public: bool = False,
         probes: Sequence[str] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
@@ -186,6 +187,7 @@ class AsyncClient:
             store=store,
             probes=probes,
         )
+        request.public = public
         return await self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
 
     async def get_trace(self, handle: str, metadata: Sequence[tuple[str, str]] | None = None) -> P.PromptTrace:
@@ -215,6 +217,11 @@ class AsyncClient:
     def probes(self) -> AsyncProbes:
         """The linear-probe registry (awaitable methods)."""
         return AsyncProbes(self)
+
+    @property
+    def keys(self) -> AsyncKeys:
+        """API keys of your tenant (admin role; awaitable methods)."""
+        return AsyncKeys(self)
 
     async def patch(
         self,
@@ -267,8 +274,10 @@ class AsyncSteering:
         name: str = "",
         description: str = "",
         model: str = "",
+        public: bool = False,
     ) -> P.SteeringVector:
         request = P.build_create_vector(tensor, hooks, name=name, description=description, model=model)
+        request.public = public
         return await self._vector(self._client._stub.CreateVector, request)
 
     async def train(
@@ -283,6 +292,7 @@ class AsyncSteering:
         description: str = "",
         model: str = "",
         add_generation_prompt: bool = True,
+        public: bool = False,
     ) -> P.SteeringVector:
         request = P.build_train_vector(
             pairs,
@@ -295,6 +305,7 @@ class AsyncSteering:
             model=model,
             add_generation_prompt=add_generation_prompt,
         )
+        request.public = public
         return await self._vector(self._client._stub.TrainVector, request)
 
     async def get(self, id: str) -> P.SteeringVector:
@@ -330,6 +341,7 @@ class AsyncProbes:
         description: str = "",
         model: str = "",
         add_generation_prompt: bool = False,
+        public: bool = False,
     ) -> S.Probe:
         request = S.build_train_probe(
             examples,
@@ -344,6 +356,7 @@ class AsyncProbes:
             model=model,
             add_generation_prompt=add_generation_prompt,
         )
+        request.public = public
         return S.Probe.from_proto(await _unary(self._client._stub.TrainProbe, request, self._client.timeout))
 
     async def list(self, model: str = "") -> list[S.Probe]:
@@ -358,3 +371,26 @@ class AsyncProbes:
     async def delete(self, id: str) -> bool:
         request = pb.DeleteProbeRequest(id=id)
         return (await _unary(self._client._stub.DeleteProbe, request, self._client.timeout)).deleted
+
+
+class AsyncKeys:
+    """`client.keys`, awaitable: create, list and revoke your tenant's API keys (admin role)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def create(
+        self, roles: Sequence[str] | str, *, name: str = "", **limits: float | None
+    ) -> tuple[str, K.ApiKeyInfo]:
+        """A new key with at most your own roles; returns (secret, info). The secret is shown only now."""
+        request = K.build_create_key(roles, name, **limits)
+        response = await _unary(self._client._stub.CreateApiKey, request, self._client.timeout)
+        return response.secret, K.ApiKeyInfo.from_proto(response.key)
+
+    async def list(self) -> list[K.ApiKeyInfo]:
+        response = await _unary(self._client._stub.ListApiKeys, pb.ListApiKeysRequest(), self._client.timeout)
+        return [K.ApiKeyInfo.from_proto(k) for k in response.keys]
+
+    async def revoke(self, id: str) -> bool:
+        request = pb.RevokeApiKeyRequest(id=id)
+        return (await _unary(self._client._stub.RevokeApiKey, request, self._client.timeout)).revoked

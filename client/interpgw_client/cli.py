@@ -1,4 +1,4 @@
-"""`interpgw` command line: `serve` (needs the server package) and client commands for a quick look."""
+"""`interpgw` command line: `serve` and `keys` (need the server package) and client commands for a quick look."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from interpgw_client.client import DEFAULT_ADDRESS, Client
@@ -39,10 +41,26 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="host:port of the gateway (env INTERPGW_ADDRESS)")
     parser.add_argument("--model", default="", help="model id (default: the server's default)")
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--api-key", default=None, help="API key (env INTERPGW_API_KEY)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA bundle")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    return Client(args.address, credentials=credentials, api_key=args.api_key, timeout=args.timeout)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         for info in client.models():
             print(
                 json.dumps(
@@ -58,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     wants_signals = args.signals or bool(args.lens) or bool(args.probe)
     signals = Signals(lens_layers=args.lens, probes=args.probe) if wants_signals else None
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         stream = client.generate_stream(
             prompt,
             model=args.model,
@@ -115,7 +133,7 @@ def _print_signals(result: GenerateResult) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         result = client.trace(args.prompt, args.hook, positions=args.positions, model=args.model, top_k=args.top_k)
         for trace in result.prompts:
             print(f"prompt {trace.prompt_index}: {len(trace.token_ids)} tokens {trace.tokens}")
@@ -168,7 +186,7 @@ def _read_pairs(path: str) -> list[dict]:
 
 def cmd_steer_train(args: argparse.Namespace) -> None:
     pairs = _read_pairs(args.pairs)
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         vector = client.steering.train(
             pairs,
             layers=args.layers,
@@ -183,7 +201,7 @@ def cmd_steer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_steer_list(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         vectors = client.steering.list(args.model)
     if not vectors:
         print("no vectors", file=sys.stderr)
@@ -205,7 +223,7 @@ def cmd_steer_list(args: argparse.Namespace) -> None:
 
 
 def cmd_steer_get(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         vector = client.steering.get(args.id)
     print(_vector_json(vector))
     if vector.vector is not None:
@@ -216,7 +234,7 @@ def cmd_steer_get(args: argparse.Namespace) -> None:
 
 
 def cmd_steer_delete(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         deleted = client.steering.delete(args.id)
     if not deleted:
         raise ValueError(f"no vector {args.id!r}")
@@ -246,7 +264,7 @@ def _read_examples(path: str) -> list[dict]:
 
 def cmd_probe_train(args: argparse.Namespace) -> None:
     examples = _read_examples(args.file)
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         probe = client.probes.train(
             examples,
             layer=args.layer,
@@ -260,7 +278,7 @@ def cmd_probe_train(args: argparse.Namespace) -> None:
 
 
 def cmd_probe_list(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         probes = client.probes.list(args.model)
     if not probes:
         print("no probes", file=sys.stderr)
@@ -283,7 +301,7 @@ def cmd_probe_list(args: argparse.Namespace) -> None:
 
 
 def cmd_probe_get(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         probe = client.probes.get(args.id)
     print(_probe_json(probe))
     if probe.weight is not None:
@@ -293,7 +311,7 @@ def cmd_probe_get(args: argparse.Namespace) -> None:
 
 
 def cmd_probe_delete(args: argparse.Namespace) -> None:
-    with Client(args.address, timeout=args.timeout) as client:
+    with _connect(args) as client:
         deleted = client.probes.delete(args.id)
     if not deleted:
         raise ValueError(f"no probe {args.id!r}")
@@ -308,6 +326,10 @@ def main(argv: list[str] | None = None) -> None:
         "serve", help="start the gateway (needs the server package: pip install interpgw)", add_help=False
     )
     serve.add_argument("rest", nargs=argparse.REMAINDER)
+    keys = sub.add_parser(
+        "keys", help="manage API keys in a key file or Redis (operators; needs the server package)", add_help=False
+    )
+    keys.add_argument("rest", nargs=argparse.REMAINDER)
 
     models = sub.add_parser("models", help="list served models")
     _client_args(models)
@@ -398,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"interpgw serve needs the server package ({exc}); pip install interpgw[cpu]\n")
         serve_main(argv[1:])
         return
+    if argv and argv[0] == "keys":
+        try:
+            from interpgw.auth.cli import main as keys_main
+        except ImportError as exc:
+            parser.exit(2, f"interpgw keys needs the server package ({exc}); pip install interpgw\n")
+        raise SystemExit(keys_main(argv[1:]))
     args = parser.parse_args(argv)
     try:
         args.func(args)

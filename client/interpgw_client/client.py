@@ -11,8 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
+from interpgw_client import keys as K
 from interpgw_client import protocol as P
 from interpgw_client import signals as S
+from interpgw_client.channels import open_channel, resolve_api_key
 from interpgw_client.errors import from_rpc_error
 
 DEFAULT_ADDRESS = os.environ.get("INTERPGW_ADDRESS", "localhost:50051")
@@ -67,15 +69,13 @@ class Client:
         address: str = DEFAULT_ADDRESS,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
         max_message_bytes: int = 64 * 2**20,
     ) -> None:
         options = P.channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._channel = open_channel(address, credentials, resolve_api_key(api_key), options)
         self._stub = pb_grpc.GatewayStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.as_torch = as_torch
@@ -198,6 +198,7 @@ class Client:
         steer: P.SteerLike | None = None,
         cache: str = "use",
         store: bool = False,
+        public: bool = False,
         probes: Sequence[str] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> P.TraceResult:
@@ -218,6 +219,7 @@ class Client:
             store=store,
             probes=probes,
         )
+        request.public = public
         return self._collect_trace(self._stub.Trace(request, timeout=self.timeout, metadata=metadata))
 
     def get_trace(self, handle: str, metadata: Sequence[tuple[str, str]] | None = None) -> P.PromptTrace:
@@ -249,6 +251,11 @@ class Client:
     def probes(self) -> Probes:
         """The linear-probe registry."""
         return Probes(self)
+
+    @property
+    def keys(self) -> Keys:
+        """API keys of your tenant (admin role)."""
+        return Keys(self)
 
     def patch(
         self,
@@ -302,9 +309,12 @@ class Steering:
         name: str = "",
         description: str = "",
         model: str = "",
+        public: bool = False,
     ) -> P.SteeringVector:
-        """Store a vector: `tensor` is [d_model] for one hook or [len(hooks), d_model]."""
+        """Store a vector: `tensor` is [d_model] for one hook or [len(hooks), d_model]. `public`: every tenant may
+        use it (default: only the caller's tenant)."""
         request = P.build_create_vector(tensor, hooks, name=name, description=description, model=model)
+        request.public = public
         return self._vector(self._client._stub.CreateVector, request)
 
     def train(
@@ -319,6 +329,7 @@ class Steering:
         description: str = "",
         model: str = "",
         add_generation_prompt: bool = True,
+        public: bool = False,
     ) -> P.SteeringVector:
         """Train on the server from (positive, negative) pairs; `layers` [6, 7] means blocks.L.hook_resid_post.
         `method`: "mean_diff" or "pca"; `reduce`: the "last" token's activation or the "mean" over the prompt."""
@@ -333,6 +344,7 @@ class Steering:
             model=model,
             add_generation_prompt=add_generation_prompt,
         )
+        request.public = public
         return self._vector(self._client._stub.TrainVector, request)
 
     def get(self, id: str) -> P.SteeringVector:
@@ -369,6 +381,7 @@ class Probes:
         description: str = "",
         model: str = "",
         add_generation_prompt: bool = False,
+        public: bool = False,
     ) -> S.Probe:
         """Fit on the server from (prompt, label) pairs or {"statement"|"text"|"prompt", "label"} dicts, with a
         held-out split; `layer=L` means blocks.L.hook_resid_post (default: the middle layer). Chat prompts get no
@@ -386,6 +399,7 @@ class Probes:
             model=model,
             add_generation_prompt=add_generation_prompt,
         )
+        request.public = public
         return S.Probe.from_proto(_unary(self._client._stub.TrainProbe, request, self._client.timeout))
 
     def list(self, model: str = "") -> list[S.Probe]:
@@ -399,3 +413,25 @@ class Probes:
     def delete(self, id: str) -> bool:
         """False when no such probe existed."""
         return _unary(self._client._stub.DeleteProbe, pb.DeleteProbeRequest(id=id), self._client.timeout).deleted
+
+
+class Keys:
+    """`client.keys`: create, list and revoke your tenant's API keys (admin role; the gateway must keep its keys
+    in Redis). Operators manage every tenant's keys with `interpgw keys`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(self, roles: Sequence[str] | str, *, name: str = "", **limits: float | None) -> tuple[str, K.ApiKeyInfo]:
+        """A new key with at most your own roles; returns (secret, info). The secret is shown only now."""
+        request = K.build_create_key(roles, name, **limits)
+        response = _unary(self._client._stub.CreateApiKey, request, self._client.timeout)
+        return response.secret, K.ApiKeyInfo.from_proto(response.key)
+
+    def list(self) -> list[K.ApiKeyInfo]:
+        response = _unary(self._client._stub.ListApiKeys, pb.ListApiKeysRequest(), self._client.timeout)
+        return [K.ApiKeyInfo.from_proto(k) for k in response.keys]
+
+    def revoke(self, id: str) -> bool:
+        request = pb.RevokeApiKeyRequest(id=id)
+        return _unary(self._client._stub.RevokeApiKey, request, self._client.timeout).revoked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 
 class InterpgwError(Exception):
@@ -29,7 +30,11 @@ class NotFoundError(InterpgwError):
 
 
 class ResourceExhaustedError(InterpgwError):
+    """A limit was hit. `retry_after` (seconds, or None) is the server's `google.rpc.RetryInfo`: when trying
+    again can succeed (rate limits, a full admission queue); None when waiting will not help."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after: float | None = None
 
 
 class UnavailableError(InterpgwError):
@@ -46,6 +51,10 @@ class UnauthenticatedError(InterpgwError):
 
 class PermissionDeniedError(InterpgwError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPreconditionError(InterpgwError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class CancelledError(InterpgwError):
@@ -66,14 +75,35 @@ _BY_CODE = {
         DeadlineExceededError,
         UnauthenticatedError,
         PermissionDeniedError,
+        FailedPreconditionError,
         CancelledError,
         InternalError,
     )
 }
 
 
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Seconds from a `google.rpc.RetryInfo` detail in the call's trailing metadata, if the server sent one."""
+    try:
+        trailers = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - not every RpcError carries trailers
+        return None
+    for key, value in trailers:
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> InterpgwError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, InterpgwError)
-    return cls(details or code.name, code) if cls is InterpgwError else cls(details or code.name)
+    exc = cls(details or code.name, code) if cls is InterpgwError else cls(details or code.name)
+    if isinstance(exc, ResourceExhaustedError):
+        exc.retry_after = retry_delay(error)
+    return exc

@@ -168,6 +168,8 @@ class SteeringVector:
     name: str = ""
     description: str = ""
     separation: list[float] = field(default_factory=list)  # per hook: share of pairs the vector orders correctly
+    owner: str = ""  # tenant that created it ("" when the gateway runs without authentication)
+    public: bool = False  # published to every tenant
 
     @classmethod
     def from_proto(cls, msg: pb.SteeringVector, as_torch: bool = False) -> SteeringVector:
@@ -183,6 +185,8 @@ class SteeringVector:
             name=msg.name,
             description=msg.description,
             separation=list(msg.separation),
+            owner=msg.owner,
+            public=msg.public,
         )
 
 

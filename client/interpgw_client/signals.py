@@ -301,6 +301,8 @@ class Probe:
     n_test: int
     quantiles: list[float] = field(default_factory=list)  # 101 score quantiles over all examples
     created: float | None = None  # unix seconds; None when unset
+    owner: str = ""  # tenant that trained it ("" when the gateway runs without authentication)
+    public: bool = False  # published to every tenant
 
     @classmethod
     def from_proto(cls, msg: pb.Probe) -> Probe:
@@ -325,6 +327,8 @@ class Probe:
             n_test=msg.n_test,
             quantiles=list(msg.quantiles),
             created=msg.created.ToNanoseconds() / 1e9 if msg.HasField("created") else None,
+            owner=msg.owner,
+            public=msg.public,
         )
 
 

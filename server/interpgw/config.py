@@ -24,12 +24,20 @@ class LimitsConfig(BaseModel):
     max_hooks: int = 4096
     max_new_tokens: int = 4096
     default_max_tokens: int = 64
-    max_message_bytes: int = 64 * 2**20
+    max_message_bytes: int = Field(64 * 2**20, description="largest request or response message on the wire")
     max_interventions: int = Field(32, description="per request, after expanding multi-hook registry vectors")
     max_edit_scale: float = Field(1000.0, description="bound on |scale| and |value| of an intervention")
     max_reference_prompts: int = 64
     max_train_pairs: int = 1024
     max_patch_runs: int = Field(8192, description="layers x positions of one Patch call")
+    # admission: bounds on model-running calls (Generate, Trace, Patch, Train*) across all callers
+    max_active_requests: int = Field(256, description="model-running calls served at once; more wait")
+    max_queued_requests: int = Field(256, description="calls waiting for admission; more get RESOURCE_EXHAUSTED")
+    # per API key defaults (a key's own limits override them; None: unlimited)
+    key_requests_per_s: float | None = Field(None, description="calls per second per key")
+    key_burst: int | None = Field(None, description="calls a key may make at once above its rate")
+    key_max_concurrent: int | None = Field(None, description="calls in flight per key")
+    key_capture_bytes_per_min: int | None = Field(None, description="captured activation bytes per key per minute")
 
 
 class CacheConfig(BaseModel):
@@ -37,6 +45,19 @@ class CacheConfig(BaseModel):
     max_entry_bytes: int = Field(256 * 2**20, description="larger traces are not cached")
     ttl_s: float | None = Field(24 * 3600.0, description="cached traces expire after this (None: never)")
     stored_ttl_s: float | None = Field(7 * 24 * 3600.0, description="stored traces (handles) expire after this")
+
+
+class AuthConfig(BaseModel):
+    mode: str = Field("auto", description="auto: on unless listening on loopback only; on; off")
+    api_keys_file: str | None = Field(None, description="YAML file of hashed keys (see `interpgw keys`)")
+    api_keys_in_redis: bool = Field(False, description="keys in the --redis-url Redis (writable over the API)")
+    key_cache_ttl_s: float = Field(10.0, description="seconds a verified key is trusted before asking the store again")
+
+
+class TlsConfig(BaseModel):
+    cert: str | None = Field(None, description="PEM server certificate chain; with key: serve TLS")
+    key: str | None = Field(None, description="PEM private key of the certificate")
+    client_ca: str | None = Field(None, description="PEM CA bundle; set: clients must present a certificate (mTLS)")
 
 
 class ServerConfig(BaseModel):
@@ -53,3 +74,5 @@ class ServerConfig(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics HTTP server")
     metrics_port: int = Field(9464, description="port of /metrics; 0: a free port; -1: no metrics")
     cache: CacheConfig = CacheConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()

@@ -53,6 +53,10 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "interpgw_engine_running_requests",
         "interpgw_engine_waiting_requests",
         "interpgw_engine_kv_cache_usage_ratio",
+        "interpgw_engine_up",
+        # access control and limits
+        "interpgw_admission_requests",
+        "interpgw_limit_rejections_total",
     }
 )
 
@@ -174,6 +178,22 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        # access control and limits
+        self._admission = Gauge(
+            "interpgw_admission_requests",
+            "engine-bound RPCs admitted (state=active) or queued for admission (state=waiting)",
+            ["state"],
+            registry=r,
+        )
+        self._rejections = Counter(
+            "interpgw_limit_rejections",
+            "requests refused by a limit (rate, concurrency, capture_bytes, max_tokens, admission)",
+            ["limit"],
+            registry=r,
+        )
+        self._engine_up = Gauge(
+            "interpgw_engine_up", "1 while the model's engine is alive, else 0", ["model"], registry=r
+        )
         self._http: http.server.ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -268,6 +288,18 @@ class GatewayMetrics:
         self._engine_running.labels(model).set(running)
         self._engine_waiting.labels(model).set(waiting)
         self._engine_kv_usage.labels(model).set(kv_usage)
+
+    def engine_up(self, model: str, up: bool) -> None:
+        self._engine_up.labels(model).set(1 if up else 0)
+
+    # ------------------------------------------------------------------ access control and limits
+
+    def admission(self, active: int, waiting: int) -> None:
+        self._admission.labels("active").set(active)
+        self._admission.labels("waiting").set(waiting)
+
+    def rejected(self, limit: str) -> None:
+        self._rejections.labels(limit).inc()
 
     # ------------------------------------------------------------------ exposition
 

@@ -8,7 +8,7 @@ import logging
 import signal
 from typing import Any
 
-from interpgw.config import CacheConfig, EngineConfig, LimitsConfig, ServerConfig
+from interpgw.config import AuthConfig, CacheConfig, EngineConfig, LimitsConfig, ServerConfig, TlsConfig
 
 log = logging.getLogger("interpgw")
 
@@ -62,6 +62,31 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--stored-trace-ttl", type=float, default=CacheConfig().stored_ttl_s, help="seconds a stored trace lives"
     )
     parser.add_argument("--metrics-host", default=srv.metrics_host, help="address the /metrics server listens on")
+    access = parser.add_argument_group("authentication and TLS")
+    access.add_argument(
+        "--auth",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="API keys: auto = on unless --host is a loopback address (default), on, off",
+    )
+    access.add_argument("--api-keys", metavar="FILE", help="YAML file of hashed API keys (create with `interpgw keys`)")
+    access.add_argument(
+        "--api-keys-in-redis", action="store_true", help="API keys in the --redis-url Redis (admins manage them by RPC)"
+    )
+    access.add_argument("--key-cache-ttl", type=float, default=AuthConfig().key_cache_ttl_s, help=argparse.SUPPRESS)
+    access.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
+    access.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    access.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    limits = parser.add_argument_group("limits and backpressure")
+    limits.add_argument("--max-message-bytes", type=int, default=lim.max_message_bytes)
+    limits.add_argument("--max-active-requests", type=int, default=lim.max_active_requests)
+    limits.add_argument("--max-queued-requests", type=int, default=lim.max_queued_requests)
+    limits.add_argument("--key-rate", type=float, default=None, help="default requests/s per API key")
+    limits.add_argument("--key-burst", type=int, default=None, help="default burst per API key")
+    limits.add_argument("--key-max-concurrent", type=int, default=None, help="default calls in flight per API key")
+    limits.add_argument(
+        "--key-capture-bytes-per-min", type=int, default=None, help="default captured bytes per minute per API key"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -87,6 +112,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_new_tokens=args.max_new_tokens,
             max_interventions=args.max_interventions,
             max_edit_scale=args.max_edit_scale,
+            max_message_bytes=args.max_message_bytes,
+            max_active_requests=args.max_active_requests,
+            max_queued_requests=args.max_queued_requests,
+            key_requests_per_s=args.key_rate,
+            key_burst=args.key_burst,
+            key_max_concurrent=args.key_max_concurrent,
+            key_capture_bytes_per_min=args.key_capture_bytes_per_min,
         ),
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
@@ -100,22 +132,40 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ttl_s=args.cache_ttl,
             stored_ttl_s=args.stored_trace_ttl,
         ),
+        auth=AuthConfig(
+            mode=args.auth,
+            api_keys_file=args.api_keys,
+            api_keys_in_redis=args.api_keys_in_redis,
+            key_cache_ttl_s=args.key_cache_ttl,
+        ),
+        tls=TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
     )
 
 
 async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     from transformers import AutoTokenizer
 
+    from interpgw.auth.authenticator import Authenticator
+    from interpgw.auth.management import KeyManagement
+    from interpgw.core.errors import InvalidArgument
     from interpgw.core.prompts import PromptEncoder
     from interpgw.engine.vllm_engine import VllmEngine
     from interpgw.metrics import GatewayMetrics
     from interpgw.models.fingerprint import weights_fingerprint
     from interpgw.registry.store import open_vector_store
     from interpgw.service import GatewayService, ServedModel
-    from interpgw.transport.server import GatewayServer
+    from interpgw.transport.guard import CallGuard
+    from interpgw.transport.server import GatewayServer, server_credentials
 
+    keys = _key_store(config)  # configuration mistakes end the start now, before the engine loads
+    try:
+        credentials = server_credentials(config.tls)
+    except (InvalidArgument, OSError) as exc:
+        raise SystemExit(f"interpgw serve: TLS: {exc}") from None
     vectors = open_vector_store(config.redis_url, config.redis_prefix)
     await vectors.ping()  # a wrong --redis-url fails now, not on the first steering request
+    if keys is not None:
+        await keys.ping()
     metrics = GatewayMetrics() if config.metrics_port >= 0 else None
     traces = _trace_repository(config, metrics)
     # Signals are handled from the start: a stop during start-up must not orphan vLLM's engine processes.
@@ -162,7 +212,18 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         traces=traces,
         metrics=metrics,
     )
-    server = GatewayServer(service, config.host, config.port, config.limits.max_message_bytes, metrics=metrics)
+    authenticator = Authenticator(keys, config.auth.key_cache_ttl_s) if keys is not None else None
+    guard = CallGuard(config.limits, authenticator, quotas=service.quotas, metrics=metrics)
+    server = GatewayServer(
+        service,
+        config.host,
+        config.port,
+        config.limits.max_message_bytes,
+        metrics=metrics,
+        guard=guard,
+        keys=KeyManagement(keys),
+        credentials=credentials,
+    )
     await server.start()
     log.info(
         "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s; traces in %s",
@@ -177,18 +238,44 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         traces.describe(),
     )
     print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
+    log.info(
+        "interpgw: authentication %s; %s",
+        f"on, keys in {keys.describe()}" if keys is not None else "off (every caller is the local user)",
+        "TLS" + (" with client certificates" if config.tls.client_ca else "") if credentials else "plain TCP",
+    )
+    if credentials is None and not _is_loopback(config.host):
+        log.warning("interpgw: listening on %s without TLS: API keys and data cross the network in clear", config.host)
 
     poller = None
+    engine_died = asyncio.Event()
+    watchdog = asyncio.ensure_future(_watch_engine(engine, engine_died))
     try:
-        if metrics is not None:  # after the gRPC server: a taken metrics port still ends the engine (finally)
+        if metrics is not None:
+            metrics.engine_up(
+                facts.id, True
+            )  # after the gRPC server: a taken metrics port still ends the engine (finally)
             metrics_port = metrics.start_http_server(config.metrics_host, config.metrics_port)
             host = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
             print(f"interpgw: metrics on http://{host}:{metrics_port}/metrics", flush=True)
             poller = asyncio.ensure_future(_poll_hook_stats(engine, metrics, facts.id))
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        dying = asyncio.ensure_future(engine_died.wait())
+        await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        dying.cancel()
+        if engine_died.is_set():
+            # Nothing can be served without the engine: say so to health checks (a load balancer or Kubernetes
+            # moves traffic away), fail what is in flight with UNAVAILABLE, and exit non-zero so a supervisor
+            # restarts the process with a fresh engine.
+            log.error("interpgw: the model engine died; health NOT_SERVING, exiting with status %d", ENGINE_DIED_EXIT)
+            if metrics is not None:
+                metrics.engine_up(facts.id, False)
+            await server.stop(min(shutdown_grace, 2.0))
+            raise SystemExit(ENGINE_DIED_EXIT)
         log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
         await server.stop(shutdown_grace)
     finally:
+        watchdog.cancel()
         if poller is not None:
             poller.cancel()
         if metrics is not None:
@@ -196,6 +283,55 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         await engine.shutdown()
         await vectors.close()
         await traces.close()
+
+
+ENGINE_DIED_EXIT = 3  # exit status when the engine process died: distinct from a crash (1) and a bad flag (2)
+
+
+async def _watch_engine(engine: Any, died: asyncio.Event, interval_s: float = 0.5) -> None:
+    """Sets `died` once vLLM reports its engine dead (its process crashed or was killed)."""
+    while not engine.dead():
+        await asyncio.sleep(interval_s)
+    died.set()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve beyond this machine
+
+
+def _key_store(config: ServerConfig) -> Any:
+    """The API-key store when authentication is on, else None; exits with a clear message on contradictory flags.
+
+    `--auth auto` turns authentication on when keys are configured or the gateway listens beyond loopback."""
+    from interpgw.auth.keystore import open_key_store
+
+    auth = config.auth
+    if auth.api_keys_in_redis and not config.redis_url:
+        raise SystemExit("interpgw serve: --api-keys-in-redis needs --redis-url")
+    redis_url = config.redis_url if auth.api_keys_in_redis else None
+    configured = auth.api_keys_file is not None or redis_url is not None
+    on = auth.mode == "on" or (auth.mode == "auto" and (configured or not _is_loopback(config.host)))
+    if not on:
+        if configured:
+            log.warning("interpgw: --auth off: the configured API keys are ignored")
+        return None
+    if not configured:
+        raise SystemExit(
+            f"interpgw serve: authentication is on (--auth {auth.mode}, host {config.host}) but no API keys are "
+            "configured: pass --api-keys FILE (see `interpgw keys create`) or --api-keys-in-redis, "
+            "or --auth off to serve without authentication"
+        )
+    try:
+        return open_key_store(auth.api_keys_file, redis_url, config.redis_prefix)
+    except Exception as exc:  # noqa: BLE001 - a bad key file is a start-up error, said plainly
+        raise SystemExit(f"interpgw serve: cannot read the API keys: {exc}") from None
 
 
 async def _poll_hook_stats(engine: Any, metrics: Any, model_id: str, interval_s: float = 5.0) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from interpgw.access import current_caller, max_new_tokens_of, quota_of, require_role
 from interpgw.cache.backends import MemoryTraceCache
 from interpgw.cache.entries import CachedTrace
 from interpgw.cache.traces import CACHE_MODES, TraceRepository, entry_from, trace_key, traced_from
@@ -44,7 +45,9 @@ from interpgw.core.requests import (
 )
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, Engine, EngineStep, ModelFacts, SamplingOptions
+from interpgw.limits import QuotaBook
 from interpgw.registry.store import MemoryVectorStore, VectorStore
+from interpgw.registry.tenancy import TenantScopedStore
 from interpgw.signals.eigenscore import eigenscore
 from interpgw.signals.orders import Action, SignalOrder
 from interpgw.signals.probes import Probe, ProbeOperations
@@ -95,6 +98,7 @@ class GatewayService:
         vectors: VectorStore | None = None,
         traces: TraceRepository | None = None,
         metrics: Any = None,
+        quotas: QuotaBook | None = None,
     ) -> None:
         if not models:
             raise ValueError("a gateway needs at least one model")
@@ -102,9 +106,11 @@ class GatewayService:
         self._default = models[0].facts.id
         self.limits = limits
         self._allow_faults = allow_faults
-        self.vectors: VectorStore = vectors if vectors is not None else MemoryVectorStore()
+        # every registry access goes through the current caller's tenant view
+        self.vectors: VectorStore = TenantScopedStore(vectors if vectors is not None else MemoryVectorStore())
         self.traces = traces if traces is not None else TraceRepository(MemoryTraceCache(), MemoryTraceCache())
         self.metrics = metrics  # interpgw.metrics.GatewayMetrics or None
+        self.quotas = quotas if quotas is not None else QuotaBook()  # per-API-key limiter state
         self._queued: dict[str, int] = {}  # per model: requests sent to the engine that have no output yet
         self.steering = SteeringOperations(self)  # registry, training, patching
         self.probes = ProbeOperations(self)  # probe training and registry
@@ -335,7 +341,7 @@ class GatewayService:
 
     # ------------------------------------------------------------------ trace
 
-    async def trace(self, request: TraceInput, fault: str = "") -> AsyncIterator[TracedPrompt]:
+    async def trace(self, request: TraceInput, fault: str = "", public: bool = False) -> AsyncIterator[TracedPrompt]:
         """One forward pass per prompt, all prompts in the engine's batch at once; results in completion order."""
         served = self.model(request.model)
         if not request.prompts:
@@ -391,7 +397,7 @@ class GatewayService:
                 if entry is not None:
                     traced = traced_from(entry, index, served.encoder.token_strings(entry.token_ids))
                     if request.store:
-                        traced.handle = await self.traces.store(key, entry)
+                        traced.handle = await self.traces.store(key, entry, public)
                     return traced
             traced = await compute(index)
             if key:
@@ -399,7 +405,7 @@ class GatewayService:
                 if caching:
                     await self.traces.remember(key, entry)
                 if request.store:
-                    traced.handle = await self.traces.store(key, entry)
+                    traced.handle = await self.traces.store(key, entry, public)
             return traced
 
         async def compute(index: int) -> TracedPrompt:
@@ -465,12 +471,17 @@ class GatewayService:
     def _sampling(self, sampling: SamplingInput, room: int) -> SamplingOptions:
         """Validated sampling options; `room` is how many tokens the context has left after the prompt."""
         limits = self.limits
+        cap = max_new_tokens_of(current_caller(), limits)
         if sampling.max_tokens in (None, 0):
-            max_tokens = min(limits.default_max_tokens, room)
+            max_tokens = min(limits.default_max_tokens, cap, room)
         else:
             max_tokens = sampling.max_tokens
             if not 1 <= max_tokens <= limits.max_new_tokens:
                 raise InvalidArgument(f"max_tokens must be in [1, {limits.max_new_tokens}], got {max_tokens}")
+            if max_tokens > cap:
+                if self.metrics is not None:
+                    self.metrics.rejected("max_tokens")
+                raise ResourceExhausted(f"max_tokens={max_tokens} is above this API key's limit of {cap} tokens")
             if max_tokens > room:
                 raise InvalidArgument(
                     f"max_tokens={max_tokens} does not fit: the prompt leaves room for {room} new tokens "
@@ -534,6 +545,7 @@ class GatewayService:
     async def _prepare_edits(self, served: ServedModel, specs: Sequence) -> list[PreparedEdit]:
         if not specs:
             return []
+        require_role("steer", "interventions")
         if len(specs) > self.limits.max_interventions:
             raise InvalidArgument(
                 f"{len(specs)} interventions in one request; at most {self.limits.max_interventions} are allowed"
@@ -608,6 +620,14 @@ class GatewayService:
                 f"this capture would return up to {total:,} bytes; the server's limit is "
                 f"{self.limits.max_capture_bytes:,} bytes per request: capture fewer hooks or positions"
             )
+        if total:  # the per-key budget is charged with the bound, before anything runs
+            caller = current_caller()
+            try:
+                self.quotas.charge_capture(caller.key_id, quota_of(caller, self.limits), total)
+            except ResourceExhausted:
+                if self.metrics is not None:
+                    self.metrics.rejected("capture_bytes")
+                raise
 
 
 def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Captured | None:

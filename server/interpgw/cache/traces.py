@@ -6,16 +6,20 @@ Two stores with different promises:
   Redis when configured (shared by replicas, with a TTL) and, if Redis fails, to a bounded in-process store, so
   the handle a client was given still works on this replica: storing never fails a request.
 
-Both hold `CachedTrace` entries; the handle of a stored trace is its content key, so storing the same trace
-twice gives the same handle.
+Both hold `CachedTrace` entries. The cache is shared by every tenant (equal requests hit the same entry); a stored
+trace belongs to the tenant that stored it (`interpgw.access`): its handle is derived from the content key and the
+tenant, so storing the same trace twice gives the same handle, two tenants get different ones, and another tenant's
+handle answers NOT_FOUND unless the trace was stored as public.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
+from interpgw.access import current_caller
 from interpgw.cache.backends import MemoryTraceCache, TraceCache
 from interpgw.cache.entries import CachedTrace, cache_key
 from interpgw.core.capture import HookOrder
@@ -94,16 +98,24 @@ class TraceRepository:
     async def remember(self, key: str, entry: CachedTrace) -> None:
         await self.cache.put(key, entry)
 
-    async def store(self, key: str, entry: CachedTrace) -> str:
-        if not await self.stored.put(key, entry):
-            if not await self._fallback.put(key, entry):
-                log.warning("stored trace %s is larger than the in-process fallback allows", key)
-        return key
+    async def store(self, key: str, entry: CachedTrace, public: bool = False) -> str:
+        """Keeps `entry` for the current tenant; returns its handle."""
+        tenant = current_caller().tenant
+        handle = key if not tenant else cache_key({"trace": key, "tenant": tenant})
+        entry = replace(entry, meta={**entry.meta, "owner": tenant, "public": bool(public)})
+        if not await self.stored.put(handle, entry):
+            if not await self._fallback.put(handle, entry):
+                log.warning("stored trace %s is larger than the in-process fallback allows", handle)
+        return handle
 
     async def fetch(self, handle: str) -> CachedTrace:
         entry = await self.stored.get(handle) if handle else None
         if entry is None and handle:
             entry = await self._fallback.get(handle)
+        if entry is not None:
+            owner, public = str(entry.meta.get("owner", "")), bool(entry.meta.get("public", False))
+            if not (public or owner in ("", current_caller().tenant)):
+                entry = None  # another tenant's private trace: answered as absent
         if entry is None:
             raise NotFound(f"no stored trace with handle {handle!r} (stored traces expire; store it again)")
         return entry

@@ -18,11 +18,29 @@ class NotFound(GatewayError):
 
 
 class ResourceExhausted(GatewayError):
+    """A limit was hit; `retry_after_s` (when set) tells the client when trying again can succeed."""
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(GatewayError):
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(GatewayError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    code = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(GatewayError):
+    code = "FAILED_PRECONDITION"
 
 
 class Internal(GatewayError):

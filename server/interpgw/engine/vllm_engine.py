@@ -8,18 +8,20 @@ A start-up probe checks that every hook point actually fires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from interpgw.config import EngineConfig
 from interpgw.core.capture import EXTRA_ARGS_KEY, HookOrder
-from interpgw.core.errors import Internal
+from interpgw.core.errors import Internal, Unavailable
 from interpgw.core.hookpoints import all_hook_names
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
@@ -160,24 +162,21 @@ class VllmEngine:
             # Edited KV must never be served to a request without the same edits (DESIGN.md hazard 3.2): the salt
             # puts this request's cached blocks in their own namespace.
             prompt["cache_salt"] = capture.edit_salt()
-        async for output in self._llm.generate(prompt, params, request_id):
-            completion = output.outputs[0]
-            step = EngineStep(
-                token_ids=list(completion.token_ids),
-                text=completion.text,
-                finished=output.finished,
-                finish_reason=completion.finish_reason,
-                cached_prompt_tokens=int(output.num_cached_tokens or 0),
-            )
-            if sampling.top_logprobs and completion.logprobs:
-                for position in completion.logprobs:
-                    ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
-                    step.top_logprobs.append(
-                        [(tid, float(lp.logprob), lp.decoded_token or "") for tid, lp in ranked][
-                            : sampling.top_logprobs
-                        ]
-                    )
-            yield step
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs = self._llm.generate(prompt, params, request_id)
+        try:
+            async with contextlib.aclosing(outputs):  # closing aborts the request in vLLM at once
+                async for output in outputs:
+                    yield _engine_step(output, sampling)
+        except EngineDeadError as exc:
+            raise Unavailable(
+                f"the model engine stopped ({exc}); retry on another replica or after a restart"
+            ) from None
+
+    def dead(self) -> bool:
+        """True once vLLM's engine process has died; the gateway then reports NOT_SERVING and exits."""
+        return bool(self._llm.errored)
 
     async def collect(self, keys: list[str]) -> dict[str, CaptureResult]:
         # One RPC per finishing request. Batching the keys of requests that finish together into one RPC was
@@ -201,3 +200,22 @@ class VllmEngine:
     async def shutdown(self) -> None:
         self._llm.shutdown()
         await self.signals.close()
+
+
+def _engine_step(output: Any, sampling: SamplingOptions) -> EngineStep:
+    """One vLLM `RequestOutput` (a delta) as the gateway's engine step."""
+    completion = output.outputs[0]
+    step = EngineStep(
+        token_ids=list(completion.token_ids),
+        text=completion.text,
+        finished=output.finished,
+        finish_reason=completion.finish_reason,
+        cached_prompt_tokens=int(output.num_cached_tokens or 0),
+    )
+    if sampling.top_logprobs and completion.logprobs:
+        for position in completion.logprobs:
+            ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+            step.top_logprobs.append(
+                [(tid, float(lp.logprob), lp.decoded_token or "") for tid, lp in ranked][: sampling.top_logprobs]
+            )
+    return step

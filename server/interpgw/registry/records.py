@@ -59,7 +59,8 @@ class VectorRecord:
     name: str = ""
     description: str = ""
     separation: tuple[float, ...] = ()  # per-hook separation score of the contrast (empty for "tensor")
-    owner: str = ""  # tenant; "" = public
+    owner: str = ""  # tenant that created it; "" = created with authentication off (visible to every tenant)
+    public: bool = False  # published: every tenant may read and use it; only its owner may delete it
     kind: str = "vector"  # "vector" | "probe"
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-safe kind-specific fields (probes: bias, auroc, ...)
 
@@ -104,6 +105,7 @@ class VectorRecord:
             "description": self.description,
             "separation": list(self.separation),
             "owner": self.owner,
+            "public": self.public,
             "kind": self.kind,
             "extra": self.extra,
         }
@@ -136,6 +138,7 @@ class VectorRecord:
         names = {f.name for f in fields(cls)} - {"tensor"}
         meta.setdefault("kind", "vector")  # records written before probes existed
         meta.setdefault("extra", {})
+        meta.setdefault("public", False)  # records written before tenancy existed
         missing = names - set(meta)
         if missing:
             raise CorruptRecord(f"vector record metadata lacks {sorted(missing)}")
@@ -179,6 +182,7 @@ def _check_types(record: VectorRecord) -> None:
     ok = (
         all(isinstance(v, str) for v in (record.id, record.model, record.method, record.name, record.description))
         and isinstance(record.owner, str)
+        and isinstance(record.public, bool)
         and isinstance(record.kind, str)
         and isinstance(record.extra, dict)
         and all(isinstance(h, str) for h in record.hooks)

@@ -84,7 +84,7 @@ class ProbeOperations:
     def __init__(self, gateway: GatewayService) -> None:
         self._gateway = gateway
 
-    async def train(self, request: TrainProbeInput) -> VectorRecord:
+    async def train(self, request: TrainProbeInput, public: bool = False) -> VectorRecord:
         gateway = self._gateway
         served = gateway.model(request.model)
         facts = served.facts
@@ -125,6 +125,7 @@ class ProbeOperations:
             name=check_label(request.name, "name"),
             description=check_label(request.description, "description", 4096),
             kind="probe",
+            public=public,
             extra={
                 "bias": fit.bias,
                 "position": request.position,

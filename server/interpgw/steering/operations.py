@@ -33,7 +33,13 @@ class SteeringOperations:
     # ------------------------------------------------------------------ steering-vector registry
 
     async def create_vector(
-        self, model: str, hooks: Sequence[str], tensor: torch.Tensor, name: str = "", description: str = ""
+        self,
+        model: str,
+        hooks: Sequence[str],
+        tensor: torch.Tensor,
+        name: str = "",
+        description: str = "",
+        public: bool = False,
     ) -> VectorRecord:
         served = self._gateway.model(model)
         facts = served.facts
@@ -49,9 +55,9 @@ class SteeringOperations:
                 f"tensor has shape {list(tensor.shape)}; expected [{len(names)}, {facts.d_model}] (one row per hook)"
             )
         rows = torch.stack([check_vector(row, facts.d_model, f"row {i} of the tensor") for i, row in enumerate(tensor)])
-        return await self._save(facts, tuple(names), rows, "tensor", 0, name, description)
+        return await self._save(facts, tuple(names), rows, "tensor", 0, name, description, public=public)
 
-    async def train_vector(self, request: TrainVectorInput) -> VectorRecord:
+    async def train_vector(self, request: TrainVectorInput, public: bool = False) -> VectorRecord:
         """Contrastive training: trace each pair's prompts through the engine, then CAA / PCA per hook."""
         served = self._gateway.model(request.model)
         facts = served.facts
@@ -95,6 +101,7 @@ class SteeringOperations:
             request.name,
             request.description,
             tuple(separation),
+            public=public,
         )
 
     async def _save(
@@ -107,6 +114,7 @@ class SteeringOperations:
         name: str,
         description: str,
         separation: tuple[float, ...] = (),
+        public: bool = False,
     ) -> VectorRecord:
         """A new registry record for this model, stored."""
         record = VectorRecord(
@@ -121,6 +129,7 @@ class SteeringOperations:
             name=check_label(name, "name"),
             description=check_label(description, "description", 4096),
             separation=separation,
+            public=public,
         )
         await self._gateway.vectors.put(record)
         await self.registry_changed()

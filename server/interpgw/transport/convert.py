@@ -258,6 +258,8 @@ def probe(record: VectorRecord, with_tensor: bool = True) -> pb.Probe:
         n_train=int(extra.get("n_train", 0)),
         n_test=int(extra.get("n_test", 0)),
         quantiles=list(extra.get("quantiles") or ()),
+        owner=record.owner,
+        public=record.public,
     )
     message.created.FromNanoseconds(int(record.created * 1e9))
     if with_tensor:
@@ -368,6 +370,8 @@ def steering_vector(record: VectorRecord, with_tensor: bool = True) -> pb.Steeri
         name=record.name,
         description=record.description,
         separation=list(record.separation),
+        owner=record.owner,
+        public=record.public,
     )
     message.created.FromNanoseconds(int(record.created * 1e9))
     if with_tensor:

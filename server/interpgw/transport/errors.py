@@ -1,16 +1,25 @@
-"""One mapping from core errors to gRPC status codes, applied to every RPC, which is also counted and timed."""
+"""One mapping from core errors to gRPC status codes, applied to every RPC, which is also guarded (authentication,
+roles, limits: `guard.py`), counted and timed.
+
+RESOURCE_EXHAUSTED from a limit carries a `google.rpc.RetryInfo` detail (the standard rich-status way to say when
+to retry, which gRPC clients and proxies understand) in addition to the message.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from interpgw.core.errors import GatewayError
+from interpgw.core.errors import GatewayError, ResourceExhausted
 from interpgw.transport.observe import observe
 
 log = logging.getLogger(__name__)
@@ -44,11 +53,27 @@ def _gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
+    return rpc_status.to_status(status)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None and exc.retry_after_s != float("inf"):
+        await context.abort_with_status(_retry_status(str(exc), exc.retry_after_s))
     if isinstance(exc, GatewayError):
         await context.abort(status_code(exc), str(exc))
     log.exception("unexpected error in RPC", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _guarded(servicer: Any, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    guard = getattr(servicer, "guard", None)
+    return guard.enter(method, request, context) if guard is not None else contextlib.nullcontext()
 
 
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,7 +84,8 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         call = observe(self, name, request)
         code = grpc.StatusCode.UNKNOWN
         try:
-            response = await method(self, request, context)
+            async with _guarded(self, name, request, context):
+                response = await method(self, request, context)
             code = grpc.StatusCode.OK
             return response
         except grpc.aio.AbortError:
@@ -85,9 +111,10 @@ def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncI
         call = observe(self, name, request)
         code = grpc.StatusCode.UNKNOWN
         try:
-            async for item in method(self, request, context):
-                call.message(item)
-                yield item
+            async with _guarded(self, name, request, context):
+                async for item in method(self, request, context):
+                    call.message(item)
+                    yield item
             code = grpc.StatusCode.OK
         except grpc.aio.AbortError:
             code = _aborted_code(context)

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from google.protobuf import timestamp_pb2
 
+from interpgw.auth.keys import ApiKey, KeyLimits
+from interpgw.auth.management import KeyManagement
 from interpgw.core.requests import GenerateDone, TokenDelta, TracedPrompt
 from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
 from interpgw.transport import convert
 from interpgw.transport.errors import streaming, unary
+from interpgw.transport.guard import CallGuard
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -25,9 +29,17 @@ def _fault(context: grpc.aio.ServicerContext) -> str:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, service: GatewayService, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        service: GatewayService,
+        metrics: GatewayMetrics | None = None,
+        guard: CallGuard | None = None,
+        keys: KeyManagement | None = None,
+    ) -> None:
         self.service = service
         self.metrics = metrics  # read by the `unary`/`streaming` decorators; None: not measured
+        self.guard = guard  # read by the decorators: authentication, roles, limits; None: none
+        self.keys = keys or KeyManagement(None)
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -79,7 +91,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def Trace(
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TraceResponse]:
-        async for traced in self.service.trace(convert.trace_input(request), fault=_fault(context)):
+        trace = self.service.trace(convert.trace_input(request), fault=_fault(context), public=request.public)
+        async for traced in trace:
             for message in _trace_messages(traced):
                 yield message
 
@@ -96,13 +109,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def CreateVector(self, request: pb.CreateVectorRequest, context: grpc.aio.ServicerContext):
         tensor = convert.tensor_from_proto(request.tensor, "tensor")
         record = await self.service.steering.create_vector(
-            request.model, list(request.hooks), tensor, request.name, request.description
+            request.model, list(request.hooks), tensor, request.name, request.description, public=request.public
         )
         return convert.steering_vector(record)
 
     @unary
     async def TrainVector(self, request: pb.TrainVectorRequest, context: grpc.aio.ServicerContext):
-        record = await self.service.steering.train_vector(convert.train_vector_input(request))
+        record = await self.service.steering.train_vector(convert.train_vector_input(request), public=request.public)
         return convert.steering_vector(record)
 
     @unary
@@ -122,7 +135,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     @unary
     async def TrainProbe(self, request: pb.TrainProbeRequest, context: grpc.aio.ServicerContext):
-        return convert.probe(await self.service.probes.train(convert.train_probe_input(request)))
+        record = await self.service.probes.train(convert.train_probe_input(request), public=request.public)
+        return convert.probe(record)
 
     @unary
     async def ListProbes(self, request: pb.ListProbesRequest, context: grpc.aio.ServicerContext):
@@ -137,6 +151,22 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def DeleteProbe(self, request: pb.DeleteProbeRequest, context: grpc.aio.ServicerContext):
         return pb.DeleteProbeResponse(deleted=await self.service.probes.delete(request.id))
 
+    # ------------------------------------------------------------------ API keys
+
+    @unary
+    async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext):
+        limits = _key_limits_from_proto(request.limits) if request.HasField("limits") else None
+        secret, key = await self.keys.create(list(request.roles), request.name, limits)
+        return pb.CreateApiKeyResponse(secret=secret, key=_api_key_info(key))
+
+    @unary
+    async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext):
+        return pb.ListApiKeysResponse(keys=[_api_key_info(k) for k in await self.keys.list()])
+
+    @unary
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext):
+        return pb.RevokeApiKeyResponse(revoked=await self.keys.revoke(request.id))
+
     # ------------------------------------------------------------------ patching
 
     @unary
@@ -150,3 +180,19 @@ def _trace_messages(traced: TracedPrompt) -> Iterator[pb.TraceResponse]:
     if traced.captured is not None:
         for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
             yield pb.TraceResponse(tensor=chunk)
+
+
+_LIMIT_FIELDS = ("requests_per_s", "burst", "max_concurrent", "capture_bytes_per_min", "max_tokens")
+
+
+def _key_limits_from_proto(message: pb.KeyLimits) -> KeyLimits:
+    return KeyLimits.from_json({f: getattr(message, f) for f in _LIMIT_FIELDS if message.HasField(f)})
+
+
+def _api_key_info(key: ApiKey) -> pb.ApiKeyInfo:
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(key.created * 1e9))
+    limits = pb.KeyLimits(**{f: v for f in _LIMIT_FIELDS if (v := getattr(key.limits, f)) is not None})
+    return pb.ApiKeyInfo(
+        id=key.id, tenant=key.tenant, roles=sorted(key.roles), name=key.name, created=created, limits=limits
+    )
