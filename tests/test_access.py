@@ -76,6 +76,8 @@ def access_gateway(tiny_llama_dir: Path):
         "2",
         "--max-queued-requests",
         "1",
+        "--max-message-bytes",
+        str(2 * 2**20),
     )
     gateway.secrets = secrets
     yield gateway
@@ -277,6 +279,14 @@ def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway
         assert refused.value.retry_after is not None
         assert [len(s.collect().token_ids) for s in streams] == [300, 300]
         assert len(queued.collect().token_ids) == 5
+
+
+def test_an_oversized_message_is_refused_by_size(access_gateway) -> None:
+    with client_for(access_gateway, "a_admin") as admin:
+        huge = np.zeros((3 * 2**20) // 4, dtype=np.float32)  # 3 MiB, over --max-message-bytes 2 MiB
+        with pytest.raises(ResourceExhaustedError):
+            admin.steering.create(huge, HOOK)
+        assert admin.steering.create(random_vector(5), HOOK).id  # the connection and the server are fine
 
 
 # ---------------------------------------------------------------------- start-up configuration
