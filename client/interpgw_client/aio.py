@@ -58,7 +58,7 @@ class AsyncGenerateStream:
 class AsyncClient:
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,

@@ -59,6 +59,16 @@ def _connect(args: argparse.Namespace) -> Client:
     return Client(args.address, credentials=credentials, api_key=args.api_key, timeout=args.timeout)
 
 
+def cmd_health(args: argparse.Namespace) -> None:
+    """Exit 0 when the gateway's gRPC health service says SERVING (container health checks use this)."""
+    with _connect(args) as client:
+        try:
+            client.wait_ready(timeout=args.timeout or 5.0)
+        except TimeoutError as exc:
+            raise SystemExit(f"not serving: {exc}") from None
+    print("SERVING")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     with _connect(args) as client:
         for info in client.models():
@@ -330,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         "keys", help="manage API keys in a key file or Redis (operators; needs the server package)", add_help=False
     )
     keys.add_argument("rest", nargs=argparse.REMAINDER)
+
+    health = sub.add_parser("health", help="exit 0 if the gateway is serving (for container health checks)")
+    _client_args(health)
+    health.set_defaults(func=cmd_health)
 
     models = sub.add_parser("models", help="list served models")
     _client_args(models)

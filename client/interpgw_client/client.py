@@ -62,11 +62,16 @@ class Client:
 
     >>> client = Client("localhost:50051")
     >>> client.generate("The capital of France is", max_tokens=5, temperature=0).text
+
+    `address` may also list replicas (["10.0.0.1:50051", "10.0.0.2:50051"]) or be a DNS name resolving to all of them
+    ("dns:///interpgw-headless.ns.svc:50051"): calls are balanced round-robin and, for methods that change nothing,
+    retried on another replica when one answers UNAVAILABLE. `api_key` (default $INTERPGW_API_KEY) and
+    `credentials` (grpc.ssl_channel_credentials(...)) are for gateways with authentication and TLS.
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,

@@ -16,6 +16,10 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float = Field(2.0, description="KV cache size on CPU")
     max_logprobs: int = 20
     seed: int = 0
+    # big models: passed through to vLLM (see docs/deploy.md for what is verified)
+    tensor_parallel_size: int = Field(1, description="GPUs (ranks) one model's layers are split across")
+    pipeline_parallel_size: int = Field(1, description="pipeline stages; captures and edits need 1")
+    distributed_executor_backend: str | None = Field(None, description="mp (one node) | ray (multi-node); None: vLLM's")
 
 
 class LimitsConfig(BaseModel):
@@ -63,7 +67,10 @@ class TlsConfig(BaseModel):
 class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 50051
-    engine: EngineConfig = EngineConfig()
+    engine: EngineConfig = EngineConfig()  # the default model, and the engine settings every model shares
+    more_models: list[tuple[str, str | None]] = Field(
+        default_factory=list, description="further (model, served id) pairs, each with an engine of its own"
+    )
     limits: LimitsConfig = LimitsConfig()
     redis_url: str | None = Field(
         None, description="redis://host:port/db for the registry, the trace cache and stored traces; None: in memory"
@@ -76,3 +83,8 @@ class ServerConfig(BaseModel):
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
+
+    def engine_configs(self) -> list[EngineConfig]:
+        """One engine configuration per served model, the default model first."""
+        more = [self.engine.model_copy(update={"model": m, "served_model_id": i}) for m, i in self.more_models]
+        return [self.engine, *more]

@@ -16,8 +16,19 @@ log = logging.getLogger("interpgw")
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="interpgw serve", description=__doc__)
     e, lim, srv = EngineConfig(), LimitsConfig(), ServerConfig()
-    parser.add_argument("--model", default=e.model, help="model folder or hub id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--served-model-id", default=None, help="id clients use (default: the folder name)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder or hub id (default: SmolLM2-135M-Instruct); repeat to serve several models, each with "
+        "its own engine (the first is the default model)",
+    )
+    parser.add_argument(
+        "--served-model-id",
+        action="append",
+        default=None,
+        help="id clients use (default: the folder name); repeat in the order of --model",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--dtype", default=e.dtype, choices=["bfloat16", "float32", "float16"])
@@ -31,6 +42,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=e.tensor_parallel_size, help="split each layer across N ranks"
+    )
+    parser.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=e.pipeline_parallel_size,
+        help="split the layers into N stages (captures, edits and signals need 1)",
+    )
+    parser.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray"],
+        default=None,
+        help="how vLLM runs its ranks: mp (processes on this node) or ray (a Ray cluster, multi-node)",
+    )
     parser.add_argument("--max-logprobs", type=int, default=e.max_logprobs)
     parser.add_argument("--max-capture-bytes", type=int, default=lim.max_capture_bytes)
     parser.add_argument("--max-trace-prompts", type=int, default=lim.max_trace_prompts)
@@ -92,12 +118,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    models = args.model or [EngineConfig().model]
+    ids = args.served_model_id or []
+    if len(ids) > len(models):
+        raise SystemExit("interpgw serve: more --served-model-id than --model flags")
+    ids = ids + [None] * (len(models) - len(ids))
     return ServerConfig(
         host=args.host,
         port=args.port,
+        more_models=list(zip(models[1:], ids[1:], strict=True)),
         engine=EngineConfig(
-            model=args.model,
-            served_model_id=args.served_model_id,
+            model=models[0],
+            served_model_id=ids[0],
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
@@ -105,6 +137,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             enable_prefix_caching=not args.no_prefix_caching,
             kv_cache_gib=args.kv_cache_gib,
             max_logprobs=args.max_logprobs,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            distributed_executor_backend=args.distributed_executor_backend,
         ),
         limits=LimitsConfig(
             max_capture_bytes=args.max_capture_bytes,
@@ -149,7 +184,6 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     from interpgw.auth.management import KeyManagement
     from interpgw.core.errors import InvalidArgument
     from interpgw.core.prompts import PromptEncoder
-    from interpgw.engine.vllm_engine import VllmEngine
     from interpgw.metrics import GatewayMetrics
     from interpgw.models.fingerprint import weights_fingerprint
     from interpgw.registry.store import open_vector_store
@@ -173,18 +207,7 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    on_stats = None
-    model_label = {"id": config.engine.served_model_id or ""}  # the served id is known once the engine is up
-    if metrics is not None:
-
-        def on_stats(running: int, waiting: int, kv_usage: float) -> None:
-            metrics.engine_stats(model_label["id"], running, waiting, kv_usage)
-
-    starting = asyncio.ensure_future(
-        VllmEngine.start(
-            config.engine, allow_faults=config.enable_fault_injection, probe=config.startup_probe, on_stats=on_stats
-        )
-    )
+    starting = asyncio.ensure_future(_start_engines(config, metrics))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -194,18 +217,21 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         _kill_descendants()  # the start-up thread may have launched more meanwhile
         return
     stopping.cancel()
-    engine = starting.result()
-    facts = engine.facts
-    model_label["id"] = facts.id
-    tokenizer = AutoTokenizer.from_pretrained(facts.source)
-    served = ServedModel(
-        engine=engine,
-        encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
-        max_logprobs=config.engine.max_logprobs,
-        revision=await asyncio.to_thread(weights_fingerprint, facts.source),
-    )
+    engines = starting.result()
+    served = []
+    for engine in engines:
+        facts = engine.facts
+        tokenizer = AutoTokenizer.from_pretrained(facts.source)
+        served.append(
+            ServedModel(
+                engine=engine,
+                encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
+                max_logprobs=config.engine.max_logprobs,
+                revision=await asyncio.to_thread(weights_fingerprint, facts.source),
+            )
+        )
     service = GatewayService(
-        [served],
+        served,
         config.limits,
         allow_faults=config.enable_fault_injection,
         vectors=vectors,
@@ -225,19 +251,21 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         credentials=credentials,
     )
     await server.start()
-    log.info(
-        "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d; vectors in %s; traces in %s",
-        facts.id,
-        facts.architecture,
-        facts.n_layers,
-        facts.d_model,
-        facts.dtype,
-        config.host,
-        server.port,
-        vectors.describe(),
-        traces.describe(),
-    )
-    print(f"interpgw: serving {facts.id} on {config.host}:{server.port}", flush=True)
+    for engine in engines:
+        facts = engine.facts
+        log.info(
+            "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d",
+            facts.id,
+            facts.architecture,
+            facts.n_layers,
+            facts.d_model,
+            facts.dtype,
+            config.host,
+            server.port,
+        )
+    log.info("interpgw: vectors in %s; traces in %s", vectors.describe(), traces.describe())
+    model_ids = ", ".join(e.facts.id for e in engines)
+    print(f"interpgw: serving {model_ids} on {config.host}:{server.port}", flush=True)
     log.info(
         "interpgw: authentication %s; %s",
         f"on, keys in {keys.describe()}" if keys is not None else "off (every caller is the local user)",
@@ -246,18 +274,17 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
     if credentials is None and not _is_loopback(config.host):
         log.warning("interpgw: listening on %s without TLS: API keys and data cross the network in clear", config.host)
 
-    poller = None
+    pollers = []
     engine_died = asyncio.Event()
-    watchdog = asyncio.ensure_future(_watch_engine(engine, engine_died))
+    watchdog = asyncio.ensure_future(_watch_engines(engines, engine_died))
     try:
-        if metrics is not None:
-            metrics.engine_up(
-                facts.id, True
-            )  # after the gRPC server: a taken metrics port still ends the engine (finally)
+        if metrics is not None:  # after the gRPC server: a taken metrics port still ends the engines (finally)
             metrics_port = metrics.start_http_server(config.metrics_host, config.metrics_port)
             host = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
             print(f"interpgw: metrics on http://{host}:{metrics_port}/metrics", flush=True)
-            poller = asyncio.ensure_future(_poll_hook_stats(engine, metrics, facts.id))
+            for engine in engines:
+                metrics.engine_up(engine.facts.id, True)
+                pollers.append(asyncio.ensure_future(_poll_hook_stats(engine, metrics, engine.facts.id)))
         stopping = asyncio.ensure_future(stop.wait())
         dying = asyncio.ensure_future(engine_died.wait())
         await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
@@ -267,20 +294,27 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
             # Nothing can be served without the engine: say so to health checks (a load balancer or Kubernetes
             # moves traffic away), fail what is in flight with UNAVAILABLE, and exit non-zero so a supervisor
             # restarts the process with a fresh engine.
-            log.error("interpgw: the model engine died; health NOT_SERVING, exiting with status %d", ENGINE_DIED_EXIT)
+            dead = [e.facts.id for e in engines if e.dead()]
+            log.error(
+                "interpgw: the model engine of %s died; health NOT_SERVING, exiting with status %d",
+                ", ".join(dead),
+                ENGINE_DIED_EXIT,
+            )
             if metrics is not None:
-                metrics.engine_up(facts.id, False)
+                for model_id in dead:
+                    metrics.engine_up(model_id, False)
             await server.stop(min(shutdown_grace, 2.0))
             raise SystemExit(ENGINE_DIED_EXIT)
         log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
         await server.stop(shutdown_grace)
     finally:
         watchdog.cancel()
-        if poller is not None:
+        for poller in pollers:
             poller.cancel()
         if metrics is not None:
             metrics.stop_http_server()
-        await engine.shutdown()
+        for engine in engines:
+            await engine.shutdown()
         await vectors.close()
         await traces.close()
 
@@ -288,9 +322,40 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
 ENGINE_DIED_EXIT = 3  # exit status when the engine process died: distinct from a crash (1) and a bad flag (2)
 
 
-async def _watch_engine(engine: Any, died: asyncio.Event, interval_s: float = 0.5) -> None:
-    """Sets `died` once vLLM reports its engine dead (its process crashed or was killed)."""
-    while not engine.dead():
+async def _start_engines(config: ServerConfig, metrics: Any) -> list[Any]:
+    """One vLLM engine per model, started one after another (each loads its weights and sizes its KV cache)."""
+    from interpgw.engine.vllm_engine import VllmEngine
+
+    engines: list[Any] = []
+    try:
+        for engine_config in config.engine_configs():
+            label = {"id": engine_config.served_model_id or ""}  # the served id is known once the engine is up
+            on_stats = None
+            if metrics is not None:
+
+                def on_stats(running: int, waiting: int, kv_usage: float, label: dict = label) -> None:
+                    metrics.engine_stats(label["id"], running, waiting, kv_usage)
+
+            engine = await VllmEngine.start(
+                engine_config,
+                allow_faults=config.enable_fault_injection,
+                probe=config.startup_probe,
+                on_stats=on_stats,
+            )
+            label["id"] = engine.facts.id
+            engines.append(engine)
+            if len({e.facts.id for e in engines}) < len(engines):
+                raise SystemExit(f"interpgw serve: two models are served as {engine.facts.id!r}: set --served-model-id")
+    except BaseException:
+        for engine in engines:
+            await engine.shutdown()
+        raise
+    return engines
+
+
+async def _watch_engines(engines: list[Any], died: asyncio.Event, interval_s: float = 0.5) -> None:
+    """Sets `died` once vLLM reports any engine dead (its process crashed or was killed)."""
+    while not any(engine.dead() for engine in engines):
         await asyncio.sleep(interval_s)
     died.set()
 

@@ -24,7 +24,7 @@ from interpgw.cache.entries import CachedTrace
 from interpgw.cache.traces import CACHE_MODES, TraceRepository, entry_from, trace_key, traced_from
 from interpgw.config import LimitsConfig
 from interpgw.core.capture import CAPTURE_DTYPES, HookOrder, estimate_capture_bytes
-from interpgw.core.errors import Internal, InvalidArgument, ResourceExhausted
+from interpgw.core.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 from interpgw.core.hookpoints import all_hook_names, parse_hooks
 from interpgw.core.interventions import EditOrder
 from interpgw.core.positions import PositionMode, PositionSelector
@@ -183,6 +183,7 @@ class GatewayService:
                 # the unsteered baseline runs the same signals and monitors, without any that steer
                 signal_order = signals.order if variant == 0 else _without_steering(signals.order)
             if hooks or edits or signal_order is not None:
+                _check_hooks_supported(served)
                 order = self._hook_order(request_id, request.capture, hooks, prompt_ids, fault, edits, signal_order)
             orders.append((request_id, order))
         self._check_bytes([o for _, o in orders if o is not None], served, sampling.max_tokens)
@@ -368,6 +369,7 @@ class GatewayService:
             hooks = tuple(h.name for h in parse_hooks([*hooks, *extra_hooks], served.facts.n_layers))
         prepared = await self._prepare_edits(served, request.interventions)
         if hooks or prepared:
+            _check_hooks_supported(served)
             for index, ids in enumerate(encoded):
                 try:
                     orders[index] = self._hook_order(f"trace-{batch}-{index}", capture, hooks, ids, fault, prepared)
@@ -569,6 +571,7 @@ class GatewayService:
         positions: tuple[int, ...] | None,
     ) -> dict[str, torch.Tensor]:
         """One forward pass with `edits`, capturing `hooks` at prompt `positions` (None: all) in float32."""
+        _check_hooks_supported(served)
         key = f"internal-{uuid.uuid4().hex}"
         order = HookOrder(
             key=key,
@@ -628,6 +631,14 @@ class GatewayService:
                 if self.metrics is not None:
                     self.metrics.rejected("capture_bytes")
                 raise
+
+
+def _check_hooks_supported(served: ServedModel) -> None:
+    if not getattr(served.engine, "supports_hooks", True):
+        raise FailedPrecondition(
+            f"model {served.facts.id!r} is served with pipeline parallelism: captures, edits and token signals need "
+            "every layer on one rank (serve it with --pipeline-parallel-size 1, using tensor parallelism instead)"
+        )
 
 
 def _captured(result: CaptureResult, order: HookOrder, facts: ModelFacts) -> Captured | None:

@@ -64,6 +64,9 @@ class VllmEngine:
         self._llm = llm
         self.facts = facts
         self.signals = signals  # per-token signals pushed by the worker (see signal_channel.py)
+        # Hooks see the whole model only when one rank holds every layer (any tensor-parallel size: the residual
+        # stream is complete on every rank there); pipeline stages would each hold part of the layers.
+        self.supports_hooks = True
 
     @classmethod
     async def start(
@@ -92,6 +95,9 @@ class VllmEngine:
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             max_logprobs=config.max_logprobs,
             seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            distributed_executor_backend=config.distributed_executor_backend,
             worker_extension_cls=WORKER_EXTENSION,
         )
         stat_loggers = [scheduler_stats_logger(on_stats)] if on_stats is not None else None
@@ -112,7 +118,14 @@ class VllmEngine:
             source=str(model_path),
         )
         engine = cls(llm, facts, hub)
-        if probe:
+        if config.pipeline_parallel_size > 1:
+            engine.supports_hooks = False
+            log.warning(
+                "pipeline parallel size %d: captures, edits and token signals are refused (they need every layer "
+                "on one rank); plain generation works",
+                config.pipeline_parallel_size,
+            )
+        elif probe:
             await engine.probe()
         return engine
 
