@@ -1,7 +1,8 @@
 """Generates the gRPC stubs from ../proto at build time (they are never committed or hand-edited).
 
 `-I proto` makes the generated imports read `from interpgw.v1 import ...`, matching the package path, so no
-import rewriting is needed.
+import rewriting is needed. They are generated when this file is loaded, before setuptools discovers packages:
+generated later (in build_py), `interpgw.v1` would be missing from a wheel built from a clean checkout.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from setuptools import Command, setup
-from setuptools.command.build_py import build_py
-from setuptools.command.develop import develop
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,16 +53,5 @@ class GenerateStubs(Command):
         generate_stubs()
 
 
-class BuildPy(build_py):
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
-
-
-class Develop(develop):
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildPy, "develop": Develop, "generate_stubs": GenerateStubs})
+generate_stubs()
+setup(cmdclass={"generate_stubs": GenerateStubs})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -13,10 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(600)
 def test_client_installs_without_torch_and_talks_to_a_gateway(tmp_path: Path, default_gateway) -> None:  # noqa: ANN001
+    # from the sources a fresh checkout has: the working tree's generated stubs must not hide a build that
+    # leaves them out
+    source = tmp_path / "src"
+    generated = shutil.ignore_patterns("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py", "*.egg-info", "build", "__pycache__")
+    shutil.copytree(ROOT / "client", source / "client", ignore=generated)
+    shutil.copytree(ROOT / "proto", source / "proto")
+    assert not list((source / "client").rglob("*_pb2*.py"))
     venv.create(tmp_path / "env", with_pip=True)
     python = tmp_path / "env" / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(ROOT / "client")], capture_output=True, text=True, timeout=500
+        [str(python), "-m", "pip", "install", "-q", str(source / "client")], capture_output=True, text=True, timeout=500
     )
     assert install.returncode == 0, install.stderr[-2000:]
     code = (

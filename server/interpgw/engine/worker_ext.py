@@ -12,7 +12,7 @@ from typing import Any
 from interpgw.core.capture import EXTRA_ARGS_KEY
 from interpgw.core.wire import dtype_name
 from interpgw.engine.cpu_seed_fix import install_cpu_seed_fix
-from interpgw.engine.recorder import ActivationRecorder, StepLayout
+from interpgw.engine.recorder import ActivationRecorder, HookStats, StepLayout
 from interpgw.engine.signal_channel import SignalSender
 
 FAULT_INJECTION_ENV = "INTERPGW_ENABLE_FAULT_INJECTION"
@@ -41,6 +41,11 @@ class InterpWorkerExtension:
         existing = getattr(self, "_interpgw_recorder", None)
         if existing is not None:
             existing.remove()
+        self._interpgw_recorder = None
+        if runner.vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # A pipeline stage holds only some layers (the others are placeholders): no hooks. The gateway refuses
+            # captures, edits and signals for such a model (`VllmEngine.supports_hooks`).
+            return {"n_layers": 0, "fused_residual": False, "hooks": False}
         model = runner.get_model()
         if runner.device.type == "cpu" and not getattr(runner, "_interpgw_seed_fix", False):
             runner._interpgw_seed_fix = install_cpu_seed_fix(runner)
@@ -79,9 +84,11 @@ class InterpWorkerExtension:
             send_signals=None if sender is None else sender.send if rank == 0 else _drop,
         )
         self._interpgw_recorder = recorder
-        return {"n_layers": recorder.modules.n_layers, "fused_residual": recorder.modules.fused_residual}
+        return {"n_layers": recorder.modules.n_layers, "fused_residual": recorder.modules.fused_residual, "hooks": True}
 
     def interpgw_pop(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        if self._interpgw_recorder is None:
+            return {}
         results = self._interpgw_recorder.pop(keys)
         for result in results.values():
             tensors = result.pop("tensors", None) or {}
@@ -89,8 +96,11 @@ class InterpWorkerExtension:
         return results
 
     def interpgw_discard(self, keys: list[str]) -> None:
-        self._interpgw_recorder.discard(keys)
+        if self._interpgw_recorder is not None:
+            self._interpgw_recorder.discard(keys)
 
     def interpgw_stats(self) -> dict[str, Any]:
         """Hook time and per-step intervention counts since the last call (for the gateway's metrics)."""
+        if self._interpgw_recorder is None:
+            return HookStats().to_json()
         return self._interpgw_recorder.take_stats().to_json()
