@@ -95,7 +95,10 @@ SERVICE_CONFIG = json.dumps(
 
 
 def target(address: str | Sequence[str]) -> str:
-    """A gRPC target for one address, a list of "ip:port" / "localhost:port", or a comma-separated list of them."""
+    """A gRPC target for one address, a list of "ip:port" / "localhost:port", or a comma-separated list of them.
+    A target that already names its resolver ("dns:///name:port", "ipv4:a:p,b:p", "unix:path") is used as it is."""
+    if isinstance(address, str) and address.split(":", 1)[0] in ("dns", "ipv4", "ipv6", "unix", "unix-abstract"):
+        return address
     addresses = [a.strip() for a in address.split(",")] if isinstance(address, str) else [a.strip() for a in address]
     addresses = [a for a in addresses if a]
     if len(addresses) == 1:

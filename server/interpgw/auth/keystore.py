@@ -186,6 +186,7 @@ def write_key_file(path: str | Path, keys: Iterable[ApiKey]) -> None:
     """Replace the key file atomically (temp file in the same folder, then rename), readable by its owner only."""
     path = Path(path)
     body = yaml.safe_dump({"keys": [k.to_json() for k in keys]}, sort_keys=False, default_flow_style=None, width=120)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first key may be created before its folder exists
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
