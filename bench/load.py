@@ -59,24 +59,8 @@ RSS_SAMPLE_S = 10.0
 RSS_GROWTH_GOAL = 0.05
 EXPECTED_REFUSAL = "RESOURCE_EXHAUSTED"
 
-PROMPTS = (
-    "The history of the Roman Empire began when",
-    "A good recipe for bread needs flour, water and",
-    "The main reason the sky looks blue during the day is",
-    "In the middle of the ocean, far from any coast, sailors once",
-    "The first computers filled whole rooms and were used to",
-    "My favourite season of the year is autumn, because",
-    "The city council met on Tuesday to discuss the new",
-    "Photosynthesis is the process by which plants",
-    "When the train finally arrived at the station, the passengers",
-    "The most important rule of writing clear code is",
-    "Mount Everest, the highest mountain on Earth, is located",
-    "The old library on the hill had thousands of books about",
-    "Learning a second language as an adult is hard because",
-    "The football match ended in a draw after",
-    "Electric cars are becoming popular in many countries since",
-    "The scientist looked at the results of the experiment and",
-)
+sys.path.insert(0, str(BENCH))
+from trace_throughput import FALLBACK_PROMPTS as PROMPTS  # noqa: E402 - the benchmarks share one prompt set
 
 
 @dataclass

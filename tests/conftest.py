@@ -46,6 +46,20 @@ def redis_args() -> tuple[str, ...]:
     client.close()
 
 
+@pytest.fixture
+def redis_prefix():
+    """A key prefix unique to the test in the real Redis; every key under it is deleted afterwards."""
+    import redis
+
+    prefix = f"interpgw-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from interpgw.models.default_model import ensure_default_model

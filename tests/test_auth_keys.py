@@ -12,7 +12,6 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 import redis
@@ -40,18 +39,6 @@ from interpgw.auth.cli import main
 from interpgw.core.errors import FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
 
 REDIS_URL = os.environ.get("INTERPGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")  # as in conftest.py
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix unique to the test; every key under it is deleted afterwards."""
-    prefix = f"interpgw-test:{uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -6,7 +6,6 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
-from uuid import uuid4
 
 import pytest
 import redis
@@ -45,18 +44,6 @@ def make_record(
     )
     defaults.update(kw)
     return VectorRecord(**defaults)
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix unique to the test; every key under it is deleted afterwards."""
-    prefix = f"interpgw-test:{uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -36,20 +36,16 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import redis.asyncio as aioredis
 import yaml
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from interpgw.auth.keys import ApiKey
 from interpgw.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from interpgw.redis_address import describe_redis
+from interpgw.redis_address import connect_redis, describe_redis
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "interpgw:"
-SOCKET_TIMEOUT_S = 2.0
 MGET_BATCH = 256
 FILE_HEADER = "# interpgw API keys: only sha256 hashes of secrets are stored here. Manage with `interpgw keys`.\n"
 
@@ -287,13 +283,7 @@ class RedisKeyStore:
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
         try:
-            self._client = aioredis.Redis.from_url(
-                url,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=SOCKET_TIMEOUT_S,
-                # redis-py's default (10 retries) would hold a request for many seconds when Redis is down.
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
-            )
+            self._client = connect_redis(url)
         except ValueError as exc:
             raise InvalidArgument(f"invalid Redis URL for the API key store: {exc}") from None
         self._where = describe_redis(self._client)

@@ -20,12 +20,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from interpgw.redis_address import describe_redis
+from interpgw.redis_address import connect_redis, describe_redis
 from interpgw.registry.errors import CorruptRecord, RegistryFull, RegistryUnavailable
 from interpgw.registry.records import VectorRecord
 
@@ -33,7 +30,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "interpgw:"
 DEFAULT_MAX_RECORDS = 10_000
-SOCKET_TIMEOUT_S = 2.0
 MGET_BATCH = 256
 
 # Removes a dangling index entry only if its value is still absent, so a concurrent re-put of the same id survives.
@@ -131,13 +127,7 @@ class RedisVectorStore:
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
         try:
-            self._client = aioredis.Redis.from_url(
-                url,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=SOCKET_TIMEOUT_S,
-                # redis-py's default (10 retries) would hold a request for many seconds when Redis is down.
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
-            )
+            self._client = connect_redis(url)
         except ValueError as exc:
             raise ValueError(f"invalid Redis URL for the vector registry: {exc}") from None
         self._where = describe_redis(self._client)
