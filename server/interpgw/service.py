@@ -64,6 +64,9 @@ GenerateEvent = TokenDelta | GenerateDone
 
 # EigenScore samples of a greedy request are drawn with INSIDE's setting (Chen et al. 2024): greedy continuations
 # would all be equal and the score meaningless.
+# vLLM 0.32 refuses higher temperatures in its own SamplingParams check.
+MAX_TEMPERATURE = 2.0
+
 EIGENSCORE_SAMPLING = {"temperature": 0.5, "top_p": 0.99, "top_k": 10}
 
 
@@ -490,8 +493,8 @@ class GatewayService:
                     f"in the model's context"
                 )
         temperature = 1.0 if sampling.temperature is None else sampling.temperature
-        if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
-            raise InvalidArgument(f"temperature must be a finite number in [0, 100], got {temperature}")
+        if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument(f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {temperature}")
         top_p = 1.0 if sampling.top_p is None else sampling.top_p
         if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from interpgw.core.interventions import EditOrder
+from interpgw.core.interventions import EditOrder, check_edit_gain
 from interpgw.core.positions import RowFilter
 from interpgw.signals.orders import SignalOrder
 
@@ -32,6 +32,11 @@ class HookOrder:
     fault: str = ""  # test-only fault injection, honoured only when the server enables it
     edits: tuple[EditOrder, ...] = ()  # applied in this order at each hook, before that hook is recorded
     signals: SignalOrder | None = None  # per-token signals and monitors (Generate)
+
+    def __post_init__(self) -> None:
+        # every edit this request may apply, its own and those its monitors may arm, is bounded together here
+        armed = [edit for m in self.signals.monitors for edit in m.edits] if self.signals is not None else []
+        check_edit_gain([*self.edits, *armed])
 
     def to_extra_args(self) -> dict:
         data = {

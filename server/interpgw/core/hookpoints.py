@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from interpgw.core.errors import InvalidArgument
+from interpgw.core.requests import quoted
 
 LAYER_KINDS: tuple[str, ...] = (
     "hook_resid_pre",
@@ -22,7 +23,9 @@ LAYER_KINDS: tuple[str, ...] = (
 EMBED = "hook_embed"
 LN_FINAL = "ln_final.hook_normalized"
 
-_LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(\w+)$")
+# ASCII digits only (`\d` also matches other scripts' digits, which int() accepts), at most 9 of them (int() refuses
+# strings of over 4300 digits with a ValueError), and the whole name (`$` would also match before a final newline)
+_LAYER_RE = re.compile(r"blocks\.(-?[0-9]{1,9})\.(\w+)", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
@@ -60,15 +63,17 @@ def parse_hook(name: str, n_layers: int) -> HookPoint:
         return HookPoint(order=-1, layer=None, kind=EMBED)
     if name == LN_FINAL:
         return HookPoint(order=n_layers * len(LAYER_KINDS), layer=None, kind=LN_FINAL)
-    match = _LAYER_RE.match(name)
+    match = _LAYER_RE.fullmatch(name)
     if not match:
-        raise InvalidArgument(f"unknown hook point {name!r}; {_describe_valid(n_layers)}")
+        raise InvalidArgument(f"unknown hook point {quoted(name)}; {_describe_valid(n_layers)}")
     layer, kind = int(match.group(1)), match.group(2)
     if kind not in LAYER_KINDS:
-        raise InvalidArgument(f"unknown hook kind {kind!r} in {name!r}; valid kinds: {', '.join(LAYER_KINDS)}")
+        raise InvalidArgument(
+            f"unknown hook kind {quoted(kind)} in {quoted(name)}; valid kinds: {', '.join(LAYER_KINDS)}"
+        )
     if not -n_layers <= layer < n_layers:
         raise InvalidArgument(
-            f"layer {layer} out of range in {name!r}: the model has {n_layers} layers, "
+            f"layer {layer} out of range in {quoted(name)}: the model has {n_layers} layers, "
             f"so L must be in [{-n_layers}, {n_layers - 1}]"
         )
     layer %= n_layers

@@ -9,6 +9,7 @@ rows of the flat `[num_tokens, d_model]` batch that belong to the request.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -165,19 +166,52 @@ def apply_edit(
     return out
 
 
+# Bounds that keep every edited activation far inside float32's (and bfloat16's) range, whatever the request
+# combines: a vector's entries are at most MAX_VECTOR_ABS (real activations stay below ~1e5; SmolLM2's largest
+# is ~2.2e4), and the ops that multiply activations (SCALE, not norm-preserving) multiply them by at most
+# MAX_EDIT_GAIN over all of one request's edits, including those its monitors may arm. An edit that overflowed
+# to Inf would not only spoil its own request: the engine keeps the non-finite keys and values in its KV cache,
+# and blocks are reused by later requests, whose attention then turns NaN (measured on vLLM CPU).
+MAX_VECTOR_ABS = 1e6
+MAX_EDIT_GAIN = 1e6
+
+
 def check_vector(vector: torch.Tensor, d_model: int, what: str) -> torch.Tensor:
     """A float32 `[d_model]` vector, or InvalidArgument saying what is wrong with it."""
     if vector.dim() == 2 and vector.shape[0] == 1:
         vector = vector[0]
     if tuple(vector.shape) != (d_model,):
         raise InvalidArgument(f"{what} has shape {list(vector.shape)}; this model needs [{d_model}] (d_model)")
-    vector = vector.to(torch.float32)
     if not bool(torch.isfinite(vector).all()):
         raise InvalidArgument(f"{what} contains NaN or Inf values")
-    return vector
+    largest = float(vector.abs().max()) if vector.numel() else 0.0
+    if largest > MAX_VECTOR_ABS:
+        bound = f"{MAX_VECTOR_ABS:g}"
+        raise InvalidArgument(f"{what} has an entry of magnitude {largest:g}; entries must be in [-{bound}, {bound}]")
+    return vector.to(torch.float32)
 
 
 def check_number(value: float, name: str, bound: float) -> float:
     if not math.isfinite(value) or abs(value) > bound:
         raise InvalidArgument(f"{name} must be a finite number in [-{bound:g}, {bound:g}], got {value}")
     return float(value)
+
+
+def edit_gain(edits: Iterable[EditOrder]) -> float:
+    """How much `edits` together can multiply an activation's magnitude: the product of |scale| over the SCALE
+    edits that are not norm-preserving (every other op adds a bounded vector, replaces, removes or clamps)."""
+    gain = 1.0
+    for edit in edits:
+        if edit.op is EditOp.SCALE and not edit.norm_preserving:
+            gain *= max(1.0, abs(edit.scale))
+    return gain
+
+
+def check_edit_gain(edits: Iterable[EditOrder]) -> None:
+    """InvalidArgument when one request's edits could multiply activations by more than MAX_EDIT_GAIN."""
+    gain = edit_gain(edits)
+    if gain > MAX_EDIT_GAIN:
+        raise InvalidArgument(
+            f"the scale interventions of this request multiply activations by up to {gain:.3g} in all; at most "
+            f"{MAX_EDIT_GAIN:g} is allowed (larger values overflow the model's numbers)"
+        )

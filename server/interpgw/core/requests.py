@@ -8,6 +8,17 @@ from typing import Any
 from interpgw.core.interventions import InterventionSpec
 from interpgw.core.positions import PositionSelector
 
+QUOTED_LIMIT = 100
+
+
+def quoted(value: str, limit: int = QUOTED_LIMIT) -> str:
+    """A client-sent string as an error message shows it: its repr, cut to `limit` characters with the full length
+    noted. Status messages travel in gRPC trailers, whose size is limited (16 KiB by default): a message echoing a
+    long value whole never reaches the client, which then sees RESOURCE_EXHAUSTED instead of the real error."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 @dataclass(frozen=True)
 class ChatTurn:

@@ -21,7 +21,7 @@ import torch
 
 from interpgw.config import EngineConfig
 from interpgw.core.capture import EXTRA_ARGS_KEY, HookOrder
-from interpgw.core.errors import Internal, Unavailable
+from interpgw.core.errors import Internal, InvalidArgument, Unavailable
 from interpgw.core.hookpoints import all_hook_names
 from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
@@ -153,30 +153,33 @@ class VllmEngine:
         capture: HookOrder | None,
     ) -> AsyncIterator[EngineStep]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            seed=sampling.seed,
-            stop=list(sampling.stop) or None,
-            ignore_eos=sampling.ignore_eos,
-            logprobs=sampling.top_logprobs or None,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_ARGS_KEY: capture.to_extra_args()} if capture else None,
-            # a capture must see every prompt position computed, not read from the prefix cache
-            skip_reading_prefix_cache=True if capture and capture.hooks else None,
-        )
+        try:
+            params = SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+                stop=list(sampling.stop) or None,
+                ignore_eos=sampling.ignore_eos,
+                logprobs=sampling.top_logprobs or None,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={EXTRA_ARGS_KEY: capture.to_extra_args()} if capture else None,
+                # a capture must see every prompt position computed, not read from the prefix cache
+                skip_reading_prefix_cache=True if capture and capture.hooks else None,
+            )
+        except VLLMClientError as exc:  # a check of vLLM's own that the gateway's validation did not anticipate
+            raise InvalidArgument(f"vLLM refused the request: {exc}") from None
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
         if capture is not None and capture.may_edit:
             # Edited KV must never be served to a request without the same edits (DESIGN.md hazard 3.2): the salt
             # puts this request's cached blocks in their own namespace.
             prompt["cache_salt"] = capture.edit_salt()
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         outputs = self._llm.generate(prompt, params, request_id)
         try:
             async with contextlib.aclosing(outputs):  # closing aborts the request in vLLM at once
@@ -186,6 +189,8 @@ class VllmEngine:
             raise Unavailable(
                 f"the model engine stopped ({exc}); retry on another replica or after a restart"
             ) from None
+        except VLLMClientError as exc:  # a check of vLLM's own that the gateway's validation did not anticipate
+            raise InvalidArgument(f"vLLM refused the request: {exc}") from None
 
     def dead(self) -> bool:
         """True once vLLM's engine process has died; the gateway then reports NOT_SERVING and exits."""

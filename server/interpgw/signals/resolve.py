@@ -7,12 +7,13 @@ never waits on a value nobody computes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from interpgw.core.errors import InvalidArgument
 from interpgw.core.interventions import EditOrder
-from interpgw.core.requests import MonitorInput, SignalsInput
+from interpgw.core.requests import MonitorInput, SignalsInput, quoted
 from interpgw.engine.base import ModelFacts
 from interpgw.signals.orders import (
     DISTRIBUTION_SIGNALS,
@@ -28,6 +29,7 @@ MAX_MONITORS = 16
 MAX_WINDOW = 1024
 MAX_LENS_LAYERS = 64
 MAX_EIGENSCORE_SAMPLES = 32
+_LENS_LAYER = re.compile(r"-?[0-9]{1,9}", re.ASCII)
 
 ResolveProbes = Callable[[tuple[str, ...]], Awaitable[list[Probe]]]
 # interventions -> edits placed on this prompt
@@ -95,14 +97,14 @@ def _monitor_signal(signal: str, n_layers: int) -> str:
     if signal in DISTRIBUTION_SIGNALS or signal == "lens_earliest":
         return signal
     if signal.startswith("lens_kl:"):
-        try:
-            layer = int(signal.split(":", 1)[1])
-        except ValueError:
-            raise InvalidArgument(f"monitor signal {signal!r}: the layer is not an integer; {valid}") from None
-        return f"lens_kl:{_layer(layer, n_layers, 'monitor lens layer')}"
+        # ASCII digits only, as in hook names (int() would also take " 1", "1_0" or other scripts' digits)
+        match = _LENS_LAYER.fullmatch(signal, len("lens_kl:"))
+        if match is None:
+            raise InvalidArgument(f"monitor signal {quoted(signal)}: the layer is not an integer; {valid}")
+        return f"lens_kl:{_layer(int(match.group(0)), n_layers, 'monitor lens layer')}"
     if signal.startswith("probe:") and len(signal) > 6:
         return signal
-    raise InvalidArgument(f"unknown monitor signal {signal!r}; {valid}")
+    raise InvalidArgument(f"unknown monitor signal {quoted(signal)}; {valid}")
 
 
 async def _rule(monitor: MonitorInput, signal: str, index: int, edits: ResolveEdits) -> MonitorRule:

@@ -26,6 +26,7 @@ from interpgw.core.interventions import (
     check_number,
     check_vector,
 )
+from interpgw.core.requests import quoted
 from interpgw.engine.base import ModelFacts
 from interpgw.registry.store import VectorStore
 
@@ -114,22 +115,27 @@ class InterventionResolver:
     async def _registry_vectors(self, spec: InterventionSpec) -> list[tuple[str, torch.Tensor]]:
         facts = self._facts
         record = await self._vectors.get(spec.vector_id)
-        if record is None:
-            raise NotFound(f"no steering vector with id {spec.vector_id!r}")
+        if record is None or record.kind != "vector":  # a probe's id names a probe, not a steering vector
+            raise NotFound(f"no steering vector with id {quoted(spec.vector_id)}")
         if record.model != facts.id or record.d_model != facts.d_model:
             raise InvalidArgument(
                 f"vector {record.id} belongs to model {record.model!r} (d_model {record.d_model}); this request "
                 f"uses {facts.id!r} (d_model {facts.d_model})"
             )
-        if not spec.hook:
-            return [(hook, record.vector_for(hook)) for hook in record.hooks]
-        hook = parse_hook(spec.hook, facts.n_layers).name
-        if hook not in record.hooks:
-            raise InvalidArgument(
-                f"vector {record.id} has no direction for {hook}; it holds: {', '.join(record.hooks)} "
-                "(leave hook empty to use all of them)"
-            )
-        return [(hook, record.vector_for(hook))]
+        hooks = record.hooks
+        if spec.hook:
+            hook = parse_hook(spec.hook, facts.n_layers).name
+            if hook not in record.hooks:
+                raise InvalidArgument(
+                    f"vector {record.id} has no direction for {hook}; it holds: {', '.join(record.hooks)} "
+                    "(leave hook empty to use all of them)"
+                )
+            hooks = (hook,)
+        # records stored before the bounds of `check_vector` existed are held to them too
+        return [
+            (hook, check_vector(record.vector_for(hook), facts.d_model, f"vector {record.id} at {hook}"))
+            for hook in hooks
+        ]
 
     async def _mean_ablation(self, spec: InterventionSpec) -> PreparedEdit:
         if not spec.hook:
@@ -142,4 +148,5 @@ class InterventionResolver:
             )
         hook = parse_hook(spec.hook, self._facts.n_layers).name
         mean = await self._reference_mean(hook, spec.reference_prompts, spec.reference_traces)  # [d_model]
+        mean = check_vector(mean, self._facts.d_model, f"the mean of the references at {hook}")
         return PreparedEdit(EditOp.SET, hook, spec.target, mean, 1.0, 0.0, spec.norm_preserving)

@@ -29,6 +29,7 @@ from interpgw.core.requests import (
     TraceInput,
     TrainProbeInput,
     TrainVectorInput,
+    quoted,
 )
 from interpgw.core.wire import dtype_name, tensor_chunks
 from interpgw.engine.base import ModelFacts
@@ -273,16 +274,24 @@ def probe(record: VectorRecord, with_tensor: bool = True) -> pb.Probe:
 def tensor_from_proto(message: pb.Tensor, what: str) -> torch.Tensor:
     """A float tensor from a client; InvalidArgument for a bad dtype, shape or byte count."""
     if message.dtype not in INPUT_DTYPES:
-        raise InvalidArgument(f"{what}: unsupported dtype {message.dtype!r}; valid: {', '.join(INPUT_DTYPES)}")
+        raise InvalidArgument(f"{what}: unsupported dtype {quoted(message.dtype)}; valid: {', '.join(INPUT_DTYPES)}")
     shape = list(message.shape)
-    if not shape or any(d < 0 for d in shape) or len(shape) > 4:
-        raise InvalidArgument(f"{what}: shape {shape} must have 1 to 4 non-negative dimensions")
+    if not 1 <= len(shape) <= 4:
+        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; it must have 1 to 4")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: shape {shape} has a negative dimension")
     dtype = getattr(torch, message.dtype)
-    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    if expected > MAX_INPUT_TENSOR_BYTES or len(message.data) != expected:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    # a zero in the shape makes the product 0 whatever the other dimensions are: bound those too (torch cannot
+    # even allocate an empty [0, 2**40, 2**40] tensor: its strides overflow)
+    if expected > MAX_INPUT_TENSOR_BYTES or math.prod(max(d, 1) for d in shape) * itemsize > MAX_INPUT_TENSOR_BYTES:
         raise InvalidArgument(
-            f"{what}: {len(message.data)} data bytes for shape {shape} and dtype {message.dtype} "
-            f"(expected {expected}, at most {MAX_INPUT_TENSOR_BYTES})"
+            f"{what}: shape {shape} of dtype {message.dtype} is too large: at most {MAX_INPUT_TENSOR_BYTES} bytes"
+        )
+    if len(message.data) != expected:
+        raise InvalidArgument(
+            f"{what}: {len(message.data)} data bytes for shape {shape} and dtype {message.dtype} (expected {expected})"
         )
     if expected == 0:
         return torch.empty(shape, dtype=torch.float32)

@@ -62,13 +62,30 @@ def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+# A status message travels in HTTP/2 trailers, percent-encoded (3 bytes per non-ASCII byte), and gRPC caps them
+# (8 KiB soft, 16 KiB hard by default): a message quoting a huge field back would reach the client as an opaque
+# "metadata size exceeds limit" instead of the explanation.
+MAX_MESSAGE_BYTES = 2000
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    raw = text.encode("utf-8")
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return text
+    kept = raw[:MAX_MESSAGE_BYTES].decode("utf-8", errors="ignore")
+    return f"{kept}… ({len(raw) - len(kept.encode('utf-8'))} more bytes cut)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None and exc.retry_after_s != float("inf"):
-        await context.abort_with_status(_retry_status(str(exc), exc.retry_after_s))
+        await context.abort_with_status(_retry_status(_message(exc), exc.retry_after_s))
     if isinstance(exc, GatewayError):
-        await context.abort(status_code(exc), str(exc))
+        await context.abort(status_code(exc), _message(exc))
     log.exception("unexpected error in RPC", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, _message(RuntimeError(f"internal error: {type(exc).__name__}: {exc}"))
+    )
 
 
 def _guarded(servicer: Any, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
