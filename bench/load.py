@@ -423,20 +423,12 @@ def start_gateway(args: argparse.Namespace) -> Any:
     from gateway_process import GatewayProcess
     from interpgw.models.default_model import ensure_default_model
 
-    class StoppingGateway(GatewayProcess):
-        def _wait_ready(self, timeout: float) -> None:
-            try:
-                super()._wait_ready(timeout)
-            except BaseException:
-                self.stop()
-                raise
-
     model = ["--model", args.model] if args.model != "default" else []
     if not model:
         ensure_default_model()  # convert once before the start-up timeout counts
     flags = ["--dtype", "bfloat16", "--max-num-seqs", str(max(64, args.clients)), *model]
     _log(f"starting a gateway: {' '.join(flags)}")
-    return StoppingGateway(*flags, startup_timeout=600.0)
+    return GatewayProcess(*flags, startup_timeout=600.0)
 
 
 def _log(message: str) -> None:

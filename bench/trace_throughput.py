@@ -273,25 +273,8 @@ def section_gateway(
     sys.path.insert(0, str(REPO / "tests"))
     from gateway_process import GatewayProcess
 
-    class StoppingGateway(GatewayProcess):
-        """Stopped also when waiting for it is interrupted, and with its whole process group: a gateway killed
-        during start-up (before its signal handlers exist) leaves its vLLM EngineCore behind otherwise."""
-
-        def _wait_ready(self, timeout: float) -> None:
-            try:
-                super()._wait_ready(timeout)
-            except BaseException:
-                self.stop()
-                raise
-
-        def stop(self, timeout: float = 60.0) -> int | None:
-            try:
-                return super().stop(timeout)
-            finally:
-                _signal_group(self.process.pid, signal.SIGKILL)  # its own session: pgid == pid
-
     model_dir()  # convert the default model before the gateway's start-up timeout starts counting
-    gateway = StoppingGateway(
+    gateway = GatewayProcess(  # stops itself, process group included, if start-up fails or is interrupted
         "--dtype", "bfloat16", "--max-num-seqs", str(max(64, len(prompts))), startup_timeout=600.0
     )
     try:

@@ -48,7 +48,13 @@ class GatewayProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-        self._wait_ready(startup_timeout)
+        try:
+            self._wait_ready(startup_timeout)
+        except (
+            BaseException
+        ):  # timed out, failed, or interrupted (Ctrl-C, SIGTERM in a benchmark): leave nothing behind
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -62,7 +68,6 @@ class GatewayProcess:
                     return
                 except Exception:  # noqa: BLE001 - not up yet
                     time.sleep(1.0)
-        self.stop()
         raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}")
 
     def _metrics_url(self) -> str | None:

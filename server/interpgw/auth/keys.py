@@ -32,6 +32,16 @@ def _check_positive(field: str, value: object, kind: type) -> None:
         raise InvalidArgument(f"key limit {field} must be a positive {kind.__name__}, got {value!r}")
 
 
+def _check_fields(cls: type, data: object, what: str, field_name: str, plural: str) -> None:
+    """INVALID_ARGUMENT unless `data` is a mapping of `cls`'s dataclass fields only, naming the valid ones."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{what} must be a mapping, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid), key=str)
+    if unknown:
+        raise InvalidArgument(f"unknown {field_name} {unknown[0]!r}: valid {plural} are {', '.join(valid)}")
+
+
 @dataclass(frozen=True)
 class KeyLimits:
     """Per-key overrides of the server's default limits; None = the server default."""
@@ -58,12 +68,7 @@ class KeyLimits:
     def from_json(cls, data: dict | None) -> KeyLimits:
         if data is None:
             return cls()
-        if not isinstance(data, dict):
-            raise InvalidArgument(f"key limits must be a mapping, got {type(data).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid), key=str)
-        if unknown:
-            raise InvalidArgument(f"unknown key limit {unknown[0]!r}: valid limits are {', '.join(valid)}")
+        _check_fields(cls, data, "key limits", "key limit", "limits")
         return cls(**data)
 
 
@@ -110,12 +115,7 @@ class ApiKey:
 
     @classmethod
     def from_json(cls, data: dict) -> ApiKey:
-        if not isinstance(data, dict):
-            raise InvalidArgument(f"an API key record must be a mapping, got {type(data).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid), key=str)
-        if unknown:
-            raise InvalidArgument(f"unknown API key field {unknown[0]!r}: valid fields are {', '.join(valid)}")
+        _check_fields(cls, data, "an API key record", "API key field", "fields")
         missing = [name for name in ("id", "tenant", "roles", "sha256") if name not in data]
         if missing:
             raise InvalidArgument(f"API key record {data.get('id', '')!r} lacks field {missing[0]!r}")
