@@ -161,7 +161,7 @@ def test_engine_death_turns_health_not_serving_fails_streams_clearly_and_exits(t
         channel.close()
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         assert statuses[0] == serving and not_serving in statuses
-        assert "model engine died" in gateway.log_tail(200)
+        assert "died; health NOT_SERVING, exiting with status 3" in gateway.log_tail(200)
     finally:
         gateway.stop()
 
