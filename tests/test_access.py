@@ -269,15 +269,16 @@ def test_max_tokens_and_capture_budget_of_a_key(access_gateway) -> None:
 def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway) -> None:
     """2 running + 1 waiting fit (--max-active-requests 2 --max-queued-requests 1); the 4th call is refused."""
     with client_for(access_gateway, "b_admin") as b:
-        streams = [b.generate_stream(PROMPT, max_tokens=300, temperature=0, ignore_eos=True) for _ in range(2)]
+        # two long streams hold both slots for seconds (1000 tokens each, longer than any wait below)
+        streams = [b.generate_stream(PROMPT, max_tokens=1000, temperature=0, ignore_eos=True) for _ in range(2)]
         for stream in streams:
             next(iter(stream))
         queued = b.generate_stream(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
-        time.sleep(1.0)  # the third call is waiting for admission
+        time.sleep(0.3)  # the third call reaches the gateway and waits for admission
         with pytest.raises(ResourceExhaustedError, match="busy") as refused:
             b.generate(PROMPT, max_tokens=2, temperature=0)
         assert refused.value.retry_after is not None
-        assert [len(s.collect().token_ids) for s in streams] == [300, 300]
+        assert [len(s.collect().token_ids) for s in streams] == [1000, 1000]
         assert len(queued.collect().token_ids) == 5
 
 
