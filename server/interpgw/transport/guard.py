@@ -69,7 +69,8 @@ def safe_deserializer(message_type: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """The first value of a (non-binary) metadata key of the call, or None."""
     for name, value in context.invocation_metadata() or ():
         if name == key:
             return value if isinstance(value, str) else None
@@ -97,7 +98,7 @@ class CallGuard:
             raise InvalidArgument(f"the request is not a valid {request.type_name} message: {request.error}")
         caller = LOCAL_CALLER
         if self.authenticator is not None:
-            caller = await self.authenticator.authenticate(_metadata(context, "authorization"))
+            caller = await self.authenticator.authenticate(metadata_value(context, "authorization"))
         with acting_as(caller):
             require_role(METHOD_ROLES.get(method, ADMIN), method)
             async with contextlib.AsyncExitStack() as held:

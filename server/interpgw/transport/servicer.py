@@ -14,7 +14,7 @@ from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
 from interpgw.transport import convert
 from interpgw.transport.errors import streaming, unary
-from interpgw.transport.guard import CallGuard
+from interpgw.transport.guard import CallGuard, metadata_value
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -22,10 +22,7 @@ FAULT_METADATA = "x-interpgw-fault"
 
 
 def _fault(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == FAULT_METADATA:
-            return str(value)
-    return ""
+    return metadata_value(context, FAULT_METADATA) or ""
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
