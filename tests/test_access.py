@@ -244,12 +244,14 @@ def test_rate_limit_answers_resource_exhausted_with_retry_info(access_gateway) -
 
 def test_concurrency_limit_refuses_the_second_stream_of_a_key(access_gateway) -> None:
     with client_for(access_gateway, "single") as single:
-        first = single.generate_stream(PROMPT, max_tokens=200, temperature=0, ignore_eos=True)
+        # 1000 tokens: the server must still be generating when the second call arrives (a fast server can
+        # finish a short stream into HTTP/2's buffers while a busy client has read one token)
+        first = single.generate_stream(PROMPT, max_tokens=1000, temperature=0, ignore_eos=True)
         next(iter(first))  # the first stream is running
         with pytest.raises(ResourceExhaustedError, match="concurrency limit"):
             single.generate(PROMPT, max_tokens=2, temperature=0)
         result = first.collect()
-        assert len(result.token_ids) == 200
+        assert len(result.token_ids) == 1000
         assert single.generate(PROMPT, max_tokens=2, temperature=0).token_ids  # freed when the first ended
 
 

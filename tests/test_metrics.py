@@ -26,6 +26,7 @@ from interpgw.engine.stat_logger import forward_scheduler_stats
 from interpgw.limits import QuotaBook
 from interpgw.metrics import METRIC_NAMES, GatewayMetrics
 from interpgw.transport.errors import streaming, unary
+from interpgw.transport.guard import CallGuard
 from interpgw.transport.server import GatewayServer
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
@@ -240,6 +241,8 @@ class FakeServicer(pb_grpc.GatewayServicer):
         self.service = FakeService()
         self.metrics = metrics
         self.hold = asyncio.Event()  # never set: RPCs that wait on it end only when the client goes away
+        self.closed = asyncio.Event()  # set when the "flood" stream's generator is closed
+        self.guard = CallGuard(LimitsConfig())  # what every real call passes: the caller as a context variable
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -265,6 +268,12 @@ class FakeServicer(pb_grpc.GatewayServicer):
         if request.model == "hang":
             yield pb.GenerateResponse(token=pb.TokenEvent(index=0, token_ids=[7], text="a"))
             await self.hold.wait()
+        if request.model == "flood":  # 1 MiB messages without end: gRPC's flow control soon blocks the writes
+            try:
+                while True:
+                    yield pb.GenerateResponse(tensor=pb.TensorChunk(hook="hook_embed", data=bytes(2**20)))
+            finally:
+                self.closed.set()
         self.service.model(request.model)
         yield pb.GenerateResponse(token=pb.TokenEvent(index=0, token_ids=[4], text="a"))
         yield pb.GenerateResponse(token=pb.TokenEvent(index=1, token_ids=[5], text="b"))
@@ -370,6 +379,35 @@ def test_decorators_count_ok_errors_and_cancellations_with_their_codes() -> None
     assert value(m, "interpgw_captured_bytes_total", model=MODEL) == 10
     assert value(m, "interpgw_captured_tensors_total", model=MODEL) == 1
     assert {dict(labels)["model"] for _, labels in samples(m) if "model" in dict(labels)} == {MODEL, ""}
+
+
+def test_a_client_gone_during_a_blocked_write_ends_the_stream_cancelled_at_once() -> None:
+    """The client cancels while the server waits for HTTP/2 flow control: the handler's generator is closed in the
+    RPC's own task right away (not later by the garbage collector, in another task, which failed to reset the
+    caller's context variable and counted the call as INTERNAL)."""
+    m = GatewayMetrics()
+
+    async def main() -> None:
+        servicer = FakeServicer(m)
+        server, port = await _serve(servicer)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.GatewayStub(channel).Generate(pb.GenerateRequest(model="flood"))
+                assert (await call.read()).WhichOneof("event") == "tensor"
+                await asyncio.sleep(0.3)  # the server fills the window and waits in a write
+                call.cancel()
+                await asyncio.wait_for(servicer.closed.wait(), timeout=5.0)
+                await _until(lambda: value(m, "interpgw_rpc_in_flight", method="Generate") == 0)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    codes = {
+        dict(labels)["code"]: v
+        for (name, labels), v in samples(m).items()
+        if name == "interpgw_rpc_requests_total" and dict(labels)["method"] == "Generate"
+    }
+    assert codes == {"CANCELLED": 1.0}
 
 
 def test_decorators_work_without_metrics() -> None:

@@ -21,6 +21,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def test_two_replicas_share_state_and_the_sdk_fails_over(tiny_llama_dir: Path, redis_args: tuple[str, ...]) -> None:
+    """Also what a restart needs: once A is gone, the vector created through A still steers on B, read from Redis."""
     args = ("--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, *redis_args, "--shutdown-grace", "0")
     a = GatewayProcess(*args)
     b = GatewayProcess(*args)
@@ -61,6 +62,10 @@ def test_two_replicas_share_state_and_the_sdk_fails_over(tiny_llama_dir: Path, r
             for _ in range(6):
                 assert len(both.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
                 assert both.steering.get(vector.id).id == vector.id
+            # the registry outlives the replica that wrote it: listed, and steering exactly as before
+            assert vector.id in [v.id for v in both.steering.list()]
+            again = both.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, steer=steer)
+            assert again.token_ids == via_a.token_ids
     finally:
         a.stop()
         b.stop()

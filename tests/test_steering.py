@@ -419,30 +419,6 @@ def test_cli_steer_train_list_generate_delete(tiny_gateway, tmp_path) -> None:  
     assert gone.returncode == 1 and "no steering vector" in gone.stderr
 
 
-def test_vectors_in_redis_survive_a_restart(tiny_llama_dir, redis_args) -> None:  # noqa: ANN001
-    from gateway_process import GatewayProcess
-    from interpgw_client import Client
-    from tiny_models import TINY_SERVER_ARGS
-
-    args = ("--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, *redis_args, "--no-startup-probe")
-    first = GatewayProcess(*args)
-    try:
-        with Client(first.address, timeout=120) as client:
-            created = client.steering.create(random_vector(50).numpy(), ["blocks.2.hook_resid_post"], name="keep")
-            before = client.generate(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True, steer=created.id)
-    finally:
-        first.stop()
-    second = GatewayProcess(*args)
-    try:
-        with Client(second.address, timeout=120) as client:
-            assert created.id in [v.id for v in client.steering.list()]
-            after = client.generate(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True, steer=created.id)
-            assert after.token_ids == before.token_ids
-            client.steering.delete(created.id)
-    finally:
-        second.stop()
-
-
 def test_patching_probability_metric(tiny_client, hf_tiny) -> None:  # noqa: ANN001
     clean, corrupted = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
     result = tiny_client.patch(

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError  # what grpc-aio's own server loop catches for a reset stream
 from grpc_status import rpc_status
 
 from interpgw.core.errors import GatewayError, ResourceExhausted
@@ -42,15 +43,32 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
+# A client's deadline travels as a relative timeout, so the server's deadline is later than the client's by the
+# request's transit (and any wait before gRPC read it). When the client's deadline fires first, its cancellation
+# arrives while the server still has that much time left: a cancel this close to the deadline is the deadline.
+DEADLINE_SLACK_S = 1.0
+
+
 def _gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The client went away (its handler was cancelled): by its deadline, or it cancelled."""
     try:
         remaining = context.time_remaining()
     except Exception:  # noqa: BLE001 - metrics only
         remaining = None
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+class _ClientGone(Exception):
+    """A response could not be written: the call is over on the wire (the client cancelled or its deadline passed)."""
+
+
+async def _write(context: grpc.aio.ServicerContext, item: Any) -> None:
+    try:
+        await context.write(item)
+    except ExecuteBatchError as exc:  # gRPC core refused the send: the stream was reset by the client
+        raise _ClientGone() from exc
 
 
 def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
@@ -120,25 +138,37 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaitable[None]]:
+    """Serves an async-generator handler through gRPC's writer API (`context.write`), not as a generator.
+
+    Handed a generator, grpc-aio writes each item outside it; a client that goes away while a write is pending
+    cancels grpc's task there and leaves the generator suspended, to be closed whenever the garbage collector
+    finds it, in another task: the engine request ran on until then, and the caller's context variables could not
+    be reset ("created in a different Context"), so the call ended as INTERNAL. Writing here keeps every exit
+    (finished, failed, cancelled, deadline) in the RPC's own task, and closes the handler's generator at once.
+    """
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
         call = observe(self, name, request)
         code = grpc.StatusCode.UNKNOWN
         try:
             async with _guarded(self, name, request, context):
-                async for item in method(self, request, context):
-                    call.message(item)
-                    yield item
+                async with contextlib.aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        call.message(item)
+                        await _write(context, item)
             code = grpc.StatusCode.OK
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
-        except (asyncio.CancelledError, GeneratorExit):  # cancelled mid-step, or closed while waiting to send
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             code = _gone_code(context)
             raise
+        except _ClientGone:  # the same, noticed by a write before gRPC cancelled this task: nobody to answer
+            code = _gone_code(context)
+            raise asyncio.CancelledError() from None  # how grpc-aio ends a call whose client is gone, quietly
         except Exception as exc:  # noqa: BLE001
             code = _error_code(exc)
             await _abort(context, exc)
