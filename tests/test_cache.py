@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from interpgw.cache.backends import (
+    READ_PIECE_BYTES,
     CacheStats,
     MemoryTraceCache,
     RedisTraceCache,
@@ -457,6 +458,34 @@ def test_redis_no_ttl_delete_and_too_large(redis_prefix: str) -> None:
             await cache.close()
 
     asyncio.run(scenario())
+
+
+def test_redis_large_value_is_read_in_pieces_bit_identical_and_checked(redis_prefix: str) -> None:
+    entry = make_entry(torch.bfloat16, n_positions=256, d_model=4096)  # 2 MiB of tensors: read in pieces
+    assert serialized_size(entry) > READ_PIECE_BYTES
+    client = redis.Redis.from_url(REDIS_URL)
+    rkey = f"{redis_prefix}trace:big"
+
+    async def scenario() -> CacheStats:
+        cache = RedisTraceCache(REDIS_URL, prefix=redis_prefix)
+        try:
+            assert await cache.put("big", entry)
+            assert_bit_identical(await cache.get("big"), entry)
+            data = client.get(rkey)
+            assert await cache._get_in_pieces(rkey, len(data) + 1) is None  # replaced since its size was read
+            flipped = bytearray(data)
+            flipped[len(data) // 2] ^= 0x01  # one bit in a middle piece
+            client.set(rkey, bytes(flipped))
+            assert await cache.get("big") is None and not client.exists(rkey)
+            return cache.stats
+        finally:
+            await cache.close()
+
+    try:
+        stats = asyncio.run(scenario())
+        assert (stats.hits, stats.corrupt, stats.errors) == (1, 1, 0)
+    finally:
+        client.close()
 
 
 def test_redis_corrupt_value_is_a_miss_and_deleted(redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -571,3 +571,37 @@ def test_cli_pairs_file_and_compare_needs_steer(tmp_path, capsys) -> None:  # no
     with pytest.raises(SystemExit) as info:
         cli.main(["steer", "train", "--pairs", str(path), "--layers", "6,x"])
     assert info.value.code == 2
+
+
+def _chunks(array: np.ndarray, hook: str, size: int) -> list[pb.TensorChunk]:
+    raw = array.tobytes()
+    return [
+        pb.TensorChunk(
+            hook=hook,
+            dtype=str(array.dtype),
+            shape=list(array.shape),
+            offset=offset,
+            total_bytes=len(raw),
+            data=raw[offset : offset + size],
+        )
+        for offset in range(0, len(raw), size)
+    ]
+
+
+def test_tensor_assembler_joins_chunks_in_any_order_and_refuses_missing_bytes() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 5)).astype(np.float32)
+    b = rng.standard_normal((3, 4)).astype(np.float32)
+    in_order, shuffled = _chunks(a, "a", 24), _chunks(b, "b", 10)
+    assembler = P.TensorAssembler(as_torch=False)
+    for chunk in [*in_order, *reversed(shuffled)]:
+        assembler.add(chunk)
+    tensors = assembler.tensors(0)
+    assert np.array_equal(tensors["a"], a) and np.array_equal(tensors["b"], b)
+    tensors["a"][0, 0] = 1.0  # the arrays own writable memory
+
+    short = P.TensorAssembler(as_torch=False)
+    for chunk in in_order[:-1]:
+        short.add(chunk)
+    with pytest.raises(ValueError, match="received 120 of 140 bytes"):
+        short.tensors(0)
