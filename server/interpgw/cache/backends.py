@@ -408,8 +408,10 @@ class RedisTraceCache:
             return None
         data = None
         if size:
-            read = self._get if size <= READ_PIECE_BYTES else self._get_in_pieces
-            data = await self._exec("get", lambda: read(rkey, size), "send", nbytes=size)
+            if size <= READ_PIECE_BYTES:
+                data = await self._exec("get", lambda: self._client.get(rkey), "send", nbytes=size)
+            else:
+                data = await self._exec("get", lambda: self._get_in_pieces(rkey, size), "send", nbytes=size)
             if data is _FAILED:
                 return None
         if data is None:  # absent (or deleted between the two commands)
@@ -436,9 +438,6 @@ class RedisTraceCache:
             return None
         self.stats.record("hit", len(data))
         return entry
-
-    async def _get(self, rkey: str, size: int) -> bytes | None:
-        return await self._client.get(rkey)
 
     async def _get_in_pieces(self, rkey: str, size: int) -> bytes | None:
         """A large value as GETRANGEs of READ_PIECE_BYTES, pipelined in one MULTI/EXEC (atomic: never parts of two

@@ -60,17 +60,6 @@ def _gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
-class _ClientGone(Exception):
-    """A response could not be written: the call is over on the wire (the client cancelled or its deadline passed)."""
-
-
-async def _write(context: grpc.aio.ServicerContext, item: Any) -> None:
-    try:
-        await context.write(item)
-    except ExecuteBatchError as exc:  # gRPC core refused the send: the stream was reset by the client
-        raise _ClientGone() from exc
-
-
 def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
@@ -158,7 +147,7 @@ def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaita
                 async with contextlib.aclosing(method(self, request, context)) as items:
                     async for item in items:
                         call.message(item)
-                        await _write(context, item)
+                        await context.write(item)
             code = grpc.StatusCode.OK
         except grpc.aio.AbortError:
             code = _aborted_code(context)
@@ -166,7 +155,7 @@ def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaita
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             code = _gone_code(context)
             raise
-        except _ClientGone:  # the same, noticed by a write before gRPC cancelled this task: nobody to answer
+        except ExecuteBatchError:  # gRPC core refused a write: the client reset the stream before its cancel reached us
             code = _gone_code(context)
             raise asyncio.CancelledError() from None  # how grpc-aio ends a call whose client is gone, quietly
         except Exception as exc:  # noqa: BLE001
