@@ -6,14 +6,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
 from interpgw.core.capture import HookOrder, estimate_capture_bytes
 from interpgw.core.errors import InvalidArgument
 from interpgw.core.hookpoints import all_hook_names, parse_hook, parse_hooks
 from interpgw.core.positions import PositionMode, PositionSelector
+from interpgw.core.requests import Captured
 from interpgw.core.wire import tensor_chunks
+from interpgw.transport.chunks import encoded_tensor_messages, serializer
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw_client import errors as client_errors
+from interpgw_client.chunks import ReceivedChunk, response_deserializer
 from interpgw_client.protocol import TensorAssembler, build_positions, build_prompt, build_trace
 from interpgw_client.tensors import to_numpy
 
@@ -78,10 +82,79 @@ def test_tensor_chunks_reassemble_exactly(dtype: torch.dtype) -> None:
                 shape=chunk.shape,
                 offset=chunk.offset,
                 total_bytes=chunk.total_bytes,
-                data=chunk.data,
+                data=bytes(chunk.data),
             )
         )
     assert torch.equal(assembler.tensors(0)["h"], tensor)
+
+
+@pytest.mark.parametrize("response_cls", [pb.TraceResponse, pb.GenerateResponse])
+def test_hand_encoded_chunks_parse_as_the_messages_protobuf_would_build(response_cls: type) -> None:
+    # bf16 and fp32, an empty tensor, a tensor over the chunk size; lengths whose varints take 1, 2 and 3 bytes
+    captured = Captured(
+        positions=[0, 1, 2],
+        tensors={
+            "blocks.0.hook_resid_post": torch.randn(3, 8000).to(torch.bfloat16),  # 48000 bytes: 20000 + 20000 + 8000
+            "hook_embed": torch.randn(3, 5),  # 60 bytes
+            "ln_final.hook_normalized": torch.empty(0, 5),
+            "blocks.1.hook_attn_out": torch.randn(3, 100),  # 1200 bytes
+        },
+    )
+    encoded = list(encoded_tensor_messages(response_cls, 7, captured, chunk_bytes=20000))
+    expected = []
+    for hook, tensor in captured.tensors.items():
+        for chunk in tensor_chunks(tensor, 20000):
+            message = response_cls()
+            message.tensor.CopyFrom(
+                pb.TensorChunk(
+                    prompt_index=7,
+                    hook=hook,
+                    dtype=chunk.dtype,
+                    shape=chunk.shape,
+                    offset=chunk.offset,
+                    total_bytes=chunk.total_bytes,
+                    data=bytes(chunk.data),
+                )
+            )
+            expected.append(message)
+    assert len(encoded) == len(expected) == 3 + 1 + 1 + 1
+    for item, message in zip(encoded, expected, strict=True):
+        parsed = response_cls.FromString(item.payload)
+        assert parsed == message and parsed.WhichOneof("event") == "tensor"
+        assert item.data_bytes == len(message.tensor.data) and item.first == (message.tensor.offset == 0)
+    # what the gateway sends: encoded chunks as they are, every other message through protobuf
+    serialize = serializer(response_cls)
+    assert serialize(encoded[0]) is encoded[0].payload
+    assert serialize(expected[0]) == expected[0].SerializeToString()
+    # the SDK reads chunks out of the received bytes, whether hand-encoded or serialized by protobuf
+    deserialize = response_deserializer(response_cls)
+    assemblers = TensorAssembler(as_torch=True), TensorAssembler(as_torch=True)
+    for item, message in zip(encoded, expected, strict=True):
+        for assembler, raw in zip(assemblers, (item.payload, message.SerializeToString()), strict=True):
+            chunk = deserialize(raw)
+            assert isinstance(chunk, ReceivedChunk) and bytes(chunk.data) == message.tensor.data
+            assert (chunk.hook, list(chunk.shape), chunk.offset) == (
+                message.tensor.hook,
+                message.tensor.shape,
+                message.tensor.offset,
+            )
+            assembler.add(chunk)
+    for assembler in assemblers:
+        decoded = assembler.tensors(7)
+        assert all(torch.equal(decoded[h], t) for h, t in captured.tensors.items())
+
+
+def test_the_sdk_parses_every_other_response_with_protobuf() -> None:
+    deserialize = response_deserializer(pb.TraceResponse)
+    prompt = pb.TraceResponse(prompt=pb.TracePromptResult(prompt_index=2, token_ids=[5, 6]))
+    assert deserialize(prompt.SerializeToString()) == prompt
+    assert deserialize(b"") == pb.TraceResponse()
+    chunk = pb.TensorChunk(hook="hook_embed", dtype="float32", shape=[1, 1], total_bytes=4, data=b"abcd")
+    trailing = pb.TraceResponse(tensor=chunk).SerializeToString() + prompt.SerializeToString()
+    assert deserialize(trailing) == pb.TraceResponse.FromString(trailing)  # not one bare chunk: protobuf decides
+    damaged = pb.TraceResponse(tensor=chunk).SerializeToString()[:-2]
+    with pytest.raises(DecodeError):
+        deserialize(damaged)
 
 
 def test_empty_tensor_is_one_empty_chunk() -> None:

@@ -17,17 +17,20 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from interpgw.config import LimitsConfig
 from interpgw.core.errors import Internal, InvalidArgument
+from interpgw.core.requests import Captured
 from interpgw.engine.base import ModelFacts
 from interpgw.engine.stat_logger import forward_scheduler_stats
 from interpgw.limits import QuotaBook
 from interpgw.metrics import METRIC_NAMES, GatewayMetrics
+from interpgw.transport.chunks import encoded_tensor_messages
 from interpgw.transport.errors import streaming, unary
 from interpgw.transport.guard import CallGuard
-from interpgw.transport.server import GatewayServer
+from interpgw.transport.server import GatewayServer, gateway_handler
 from interpgw.v1 import gateway_pb2 as pb
 from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -277,10 +280,9 @@ class FakeServicer(pb_grpc.GatewayServicer):
         self.service.model(request.model)
         yield pb.GenerateResponse(token=pb.TokenEvent(index=0, token_ids=[4], text="a"))
         yield pb.GenerateResponse(token=pb.TokenEvent(index=1, token_ids=[5], text="b"))
-        for offset in (0, 6):  # one tensor of 10 bytes in two chunks
-            chunk = pb.TensorChunk(hook="hook_embed", dtype="float32", offset=offset, total_bytes=10)
-            chunk.data = b"x" * (6 if offset == 0 else 4)
-            yield pb.GenerateResponse(tensor=chunk)
+        captured = Captured(positions=[0, 1, 2], tensors={"hook_embed": torch.ones(3, 1)})
+        for chunk in encoded_tensor_messages(pb.GenerateResponse, 0, captured, chunk_bytes=8):
+            yield chunk  # one tensor of 12 bytes in two chunks, as the gateway sends them
         done = pb.GenerateDone(finish_reason="length", prompt_token_ids=[1, 2, 3], output_token_ids=[4, 5])
         yield pb.GenerateResponse(done=done)
 
@@ -301,7 +303,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 async def _serve(servicer: FakeServicer) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    pb_grpc.add_GatewayServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((gateway_handler(servicer),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
@@ -376,7 +378,7 @@ def test_decorators_count_ok_errors_and_cancellations_with_their_codes() -> None
     assert value(m, "interpgw_prompt_tokens_total", model=MODEL) == 3
     assert value(m, "interpgw_generated_tokens_total", model=MODEL) == 2
     assert value(m, "interpgw_generation_tokens_per_second_count", model=MODEL) == 1
-    assert value(m, "interpgw_captured_bytes_total", model=MODEL) == 10
+    assert value(m, "interpgw_captured_bytes_total", model=MODEL) == 12
     assert value(m, "interpgw_captured_tensors_total", model=MODEL) == 1
     assert {dict(labels)["model"] for _, labels in samples(m) if "model" in dict(labels)} == {MODEL, ""}
 

@@ -10,11 +10,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interpgw.v1 import gateway_pb2 as pb
-from interpgw.v1 import gateway_pb2_grpc as pb_grpc
 from interpgw_client import keys as K
 from interpgw_client import protocol as P
 from interpgw_client import signals as S
 from interpgw_client.channels import open_channel, resolve_api_key
+from interpgw_client.chunks import ReceivedChunk, gateway_stub
 from interpgw_client.errors import from_rpc_error
 
 DEFAULT_ADDRESS = os.environ.get("INTERPGW_ADDRESS", "localhost:50051")
@@ -81,7 +81,7 @@ class Client:
     ) -> None:
         options = P.channel_options(max_message_bytes)
         self._channel = open_channel(address, credentials, resolve_api_key(api_key), options)
-        self._stub = pb_grpc.GatewayStub(self._channel)
+        self._stub = gateway_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.as_torch = as_torch
         self.timeout = timeout
@@ -237,7 +237,9 @@ class Client:
         traces: dict[int, P.PromptTrace] = {}
         try:
             for message in call:
-                if message.WhichOneof("event") == "prompt":
+                if isinstance(message, ReceivedChunk):
+                    assembler.add(message)
+                elif message.WhichOneof("event") == "prompt":
                     traces[message.prompt.prompt_index] = P.prompt_trace(message.prompt)
                 else:
                     assembler.add(message.tensor)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from interpgw.v1 import gateway_pb2 as pb
+from interpgw_client.chunks import ReceivedChunk
 from interpgw_client.render import HtmlFragment, render_html
 from interpgw_client.signals import (
     MonitorEvent,
@@ -649,7 +650,7 @@ class TensorAssembler:
         self.as_torch = as_torch
         self._parts: dict[tuple[int, str], _TensorParts] = {}
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | ReceivedChunk) -> None:
         key = (chunk.prompt_index, chunk.hook)
         parts = self._parts.get(key)
         if parts is None:
@@ -731,7 +732,10 @@ class GenerateAssembler:
         self._streamed: dict[int, VariantTokens] = {}
         self._seeded = request.sampling.HasField("seed")
 
-    def add(self, message: pb.GenerateResponse) -> TokenEvent | None:
+    def add(self, message: pb.GenerateResponse | ReceivedChunk) -> TokenEvent | None:
+        if isinstance(message, ReceivedChunk):
+            self._tensors.add(message)
+            return None
         kind = message.WhichOneof("event")
         if kind == "token":
             t = message.token

@@ -22,7 +22,7 @@ class RawChunk:
     shape: tuple[int, ...]
     offset: int
     total_bytes: int
-    data: bytes
+    data: memoryview  # a view of the tensor's memory: valid while the tensor lives, copied only by the consumer
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
@@ -48,7 +48,7 @@ def tensor_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Itera
     offset = 0
     while True:
         piece = raw[offset : offset + chunk_bytes]
-        yield RawChunk(dtype=name, shape=shape, offset=offset, total_bytes=total, data=piece.tobytes())
+        yield RawChunk(dtype=name, shape=shape, offset=offset, total_bytes=total, data=piece)
         offset += len(piece)
         if offset >= total:
             return

@@ -12,7 +12,6 @@ from interpgw.core.errors import InvalidArgument
 from interpgw.core.interventions import EditOp, InterventionSpec, TargetMode, TargetSpec
 from interpgw.core.positions import PositionMode, PositionSelector
 from interpgw.core.requests import (
-    Captured,
     CaptureOptions,
     ChatTurn,
     ContrastPairInput,
@@ -31,7 +30,7 @@ from interpgw.core.requests import (
     TrainVectorInput,
     quoted,
 )
-from interpgw.core.wire import dtype_name, tensor_chunks
+from interpgw.core.wire import dtype_name
 from interpgw.engine.base import ModelFacts
 from interpgw.registry.records import VectorRecord
 from interpgw.signals.token_signals import TokenSignals
@@ -442,17 +441,3 @@ def patch_response(output: PatchOutput) -> pb.PatchResponse:
         target_id=output.target_id,
         foil_id=output.foil_id if output.foil_id is not None else -1,
     )
-
-
-def tensor_messages(prompt_index: int, captured: Captured) -> Iterator[pb.TensorChunk]:
-    for hook, tensor in captured.tensors.items():
-        for chunk in tensor_chunks(tensor):
-            yield pb.TensorChunk(
-                prompt_index=prompt_index,
-                hook=hook,
-                dtype=chunk.dtype,
-                shape=chunk.shape,
-                offset=chunk.offset,
-                total_bytes=chunk.total_bytes,
-                data=chunk.data,
-            )

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from interpgw.metrics import GatewayMetrics
+from interpgw.transport.chunks import EncodedChunk
 
 
 class RpcObservation:
@@ -29,6 +30,9 @@ class RpcObservation:
         self._start = metrics.rpc_started(method)
 
     def message(self, item: Any) -> None:
+        if isinstance(item, EncodedChunk):
+            self._metrics.captured(self.model(), item.data_bytes, 1 if item.first else 0)
+            return
         try:
             kind = item.WhichOneof("event")
         except (AttributeError, ValueError):  # not a message with an `event` oneof
@@ -37,9 +41,6 @@ class RpcObservation:
             if self._first_token:
                 self._first_token = False
                 self._metrics.first_token(self.model(), self._elapsed())
-        elif kind == "tensor":
-            chunk = item.tensor
-            self._metrics.captured(self.model(), len(chunk.data), 1 if chunk.offset == 0 else 0)
         elif kind == "done":
             done = item.done
             self._metrics.tokens(self.model(), len(done.prompt_token_ids), len(done.output_token_ids), self._elapsed())

@@ -15,6 +15,7 @@ from interpgw.config import TlsConfig
 from interpgw.core.errors import InvalidArgument
 from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
+from interpgw.transport.chunks import serializer
 from interpgw.transport.guard import CallGuard, safe_deserializer
 from interpgw.transport.servicer import GatewayServicer
 from interpgw.v1 import gateway_pb2
@@ -23,9 +24,10 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
 SERVICE_NAME = SERVICE.full_name
 
 
-def _gateway_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
+def gateway_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
     """The generated `add_GatewayServicer_to_server`, except that undecodable request bytes (truncated, invalid
-    UTF-8, ...) reach the handler as `Undecodable` and are answered INVALID_ARGUMENT instead of INTERNAL."""
+    UTF-8, ...) reach the handler as `Undecodable` and are answered INVALID_ARGUMENT instead of INTERNAL, and
+    that tensor chunks already in wire format (`chunks.EncodedChunk`) are sent as they are."""
     handlers = {}
     for method in SERVICE.methods:
         request_cls = getattr(gateway_pb2, method.input_type.name)
@@ -34,7 +36,7 @@ def _gateway_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=safe_deserializer(request_cls),
-            response_serializer=response_cls.SerializeToString,
+            response_serializer=serializer(response_cls),
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -73,7 +75,7 @@ class GatewayServer:
         ]
         self.server = grpc.aio.server(options=options)
         self.guard = guard if guard is not None else CallGuard(service.limits, quotas=service.quotas, metrics=metrics)
-        self.server.add_generic_rpc_handlers((_gateway_handler(GatewayServicer(service, metrics, self.guard, keys)),))
+        self.server.add_generic_rpc_handlers((gateway_handler(GatewayServicer(service, metrics, self.guard, keys)),))
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -13,6 +13,7 @@ from interpgw.core.requests import GenerateDone, TokenDelta, TracedPrompt
 from interpgw.metrics import GatewayMetrics
 from interpgw.service import GatewayService
 from interpgw.transport import convert
+from interpgw.transport.chunks import EncodedChunk, encoded_tensor_messages
 from interpgw.transport.errors import streaming, unary
 from interpgw.transport.guard import CallGuard, metadata_value
 from interpgw.v1 import gateway_pb2 as pb
@@ -51,7 +52,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @streaming
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncIterator[pb.GenerateResponse | EncodedChunk]:
         async for event in self.service.generate(convert.generate_input(request), fault=_fault(context)):
             if isinstance(event, TokenDelta):
                 token = pb.TokenEvent(
@@ -67,8 +68,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 positions: list[int] = []
                 if event.captured is not None:
                     positions = event.captured.positions
-                    for chunk in convert.tensor_messages(event.variant, event.captured):
-                        yield pb.GenerateResponse(tensor=chunk)
+                    for chunk in encoded_tensor_messages(pb.GenerateResponse, event.variant, event.captured):
+                        yield chunk
                 done = pb.GenerateDone(
                     finish_reason=event.finish_reason,
                     prompt_token_ids=event.prompt_token_ids,
@@ -87,7 +88,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @streaming
     async def Trace(
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.TraceResponse]:
+    ) -> AsyncIterator[pb.TraceResponse | EncodedChunk]:
         trace = self.service.trace(convert.trace_input(request), fault=_fault(context), public=request.public)
         async for traced in trace:
             for message in _trace_messages(traced):
@@ -96,7 +97,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @streaming
     async def GetTrace(
         self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.TraceResponse]:
+    ) -> AsyncIterator[pb.TraceResponse | EncodedChunk]:
         for message in _trace_messages(await self.service.get_trace(request.handle)):
             yield message
 
@@ -171,12 +172,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return convert.patch_response(await self.service.steering.patch(convert.patch_input(request)))
 
 
-def _trace_messages(traced: TracedPrompt) -> Iterator[pb.TraceResponse]:
+def _trace_messages(traced: TracedPrompt) -> Iterator[pb.TraceResponse | EncodedChunk]:
     """One prompt's result, then its tensors in chunks."""
     yield pb.TraceResponse(prompt=convert.trace_prompt_result(traced))
     if traced.captured is not None:
-        for chunk in convert.tensor_messages(traced.prompt_index, traced.captured):
-            yield pb.TraceResponse(tensor=chunk)
+        yield from encoded_tensor_messages(pb.TraceResponse, traced.prompt_index, traced.captured)
 
 
 _LIMIT_FIELDS = ("requests_per_s", "burst", "max_concurrent", "capture_bytes_per_min", "max_tokens")
