@@ -4,6 +4,7 @@ the real Redis and against a throwaway redis-server that is killed, paused and r
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from uuid import uuid4
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -83,6 +85,27 @@ def test_entry_round_trip_bit_identical(dtype: torch.dtype) -> None:
     # Own, writable memory: editing the result changes neither the input bytes nor a second decode.
     back.tensors[HOOKS[0]].view(torch.uint8).fill_(0)
     assert CachedTrace.from_bytes(data) == entry
+
+
+def test_entry_decodes_from_pieces_split_anywhere() -> None:
+    entry = make_entry(torch.bfloat16, top_logits={"x": [1.5]})
+    data = entry.to_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(0)
+    # cuts inside the length prefix, the header, at the header's end, inside and between tensors; empty pieces too
+    splits = [[3], [header_end // 2], [header_end], [header_end, header_end], list(range(0, len(data), 7))]
+    splits += [sorted(rng.integers(0, len(data), size=n).tolist()) for n in (1, 5, 50)]
+    for cuts in splits:
+        bounds = [0, *cuts, len(data)]
+        pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+        assert_bit_identical(CachedTrace.from_pieces(pieces), entry)
+        flipped = [bytearray(p) for p in pieces]
+        last = max(i for i, p in enumerate(flipped) if p)
+        flipped[last][-1] ^= 0x10  # the last tensor byte
+        with pytest.raises(CorruptEntry, match="checksum"):
+            CachedTrace.from_pieces(flipped)
+    with pytest.raises(CorruptEntry, match="truncated"):
+        CachedTrace.from_pieces([data[:100], data[100:-1]])
 
 
 def test_entry_is_plain_safetensors() -> None:
@@ -220,7 +243,8 @@ def test_cache_key_stable() -> None:
     assert cache_key(dict(reversed(list(BASE_PARTS.items())))) == key  # dict order does not matter
     assert cache_key(json_copy(BASE_PARTS)) == key
     # Pinned: a change here silently invalidates (or worse, aliases) every entry already in a shared Redis.
-    assert cache_key({"a": 1, "b": [1, 2]}) == "tr_8b58f3467b54ea572902bd38ea7e7a70ed51f6ab"
+    # (Format 1's key was tr_8b58f3467b54ea572902bd38ea7e7a70ed51f6ab: format 2 entries live under other keys.)
+    assert cache_key({"a": 1, "b": [1, 2]}) == "tr_04199fe5fb84dccdc4088dc7144758a569bb9a12"
 
 
 def json_copy(value: dict) -> dict:

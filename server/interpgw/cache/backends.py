@@ -155,10 +155,11 @@ async def _encode(entry: CachedTrace) -> bytes:
     return entry.to_bytes()
 
 
-async def _decode(data: bytes) -> CachedTrace:
-    if len(data) >= OFFLOAD_BYTES:
-        return await asyncio.to_thread(CachedTrace.from_bytes, data)
-    return CachedTrace.from_bytes(data)
+async def _decode(pieces: list[bytes]) -> CachedTrace:
+    """The entry whose bytes are the concatenation of `pieces` (`CachedTrace.from_pieces`)."""
+    if sum(map(len, pieces)) >= OFFLOAD_BYTES:
+        return await asyncio.to_thread(CachedTrace.from_pieces, pieces)
+    return CachedTrace.from_pieces(pieces)
 
 
 def _check_limits(max_entry_bytes: int, ttl_s: float | None) -> None:
@@ -220,7 +221,7 @@ class MemoryTraceCache:
         self._entries.move_to_end(key)
         data = item[0]
         try:
-            entry = await _decode(data)
+            entry = await _decode([data])
         except CorruptEntry as exc:  # only a bug or memory corruption gets here; never serve it
             log.error("dropping corrupt in-memory trace %s: %s", key, exc)
             if self._entries.get(key) is item:
@@ -406,21 +407,22 @@ class RedisTraceCache:
         size = await self._exec("get", lambda: self._client.strlen(rkey), admission)
         if size is _FAILED:
             return None
-        data = None
+        pieces = None
         if size:
             if size <= READ_PIECE_BYTES:
-                data = await self._exec("get", lambda: self._client.get(rkey), "send", nbytes=size)
+                pieces = await self._exec("get", lambda: self._get_whole(rkey), "send", nbytes=size)
             else:
-                data = await self._exec("get", lambda: self._get_in_pieces(rkey, size), "send", nbytes=size)
-            if data is _FAILED:
+                pieces = await self._exec("get", lambda: self._get_in_pieces(rkey, size), "send", nbytes=size)
+            if pieces is _FAILED:
                 return None
-        if data is None:  # absent (or deleted between the two commands)
+        if pieces is None:  # absent (or deleted between the two commands)
             self.stats.record("miss")
             return None
+        nbytes = sum(map(len, pieces))
         try:
-            entry = await _decode(data)
+            entry = await _decode(pieces)
         except CorruptEntry as exc:
-            self.stats.record("corrupt", len(data))
+            self.stats.record("corrupt", nbytes)
             self.stats.record("miss")
             n_corrupt = self._corrupt_log.tick()
             if n_corrupt:
@@ -436,20 +438,24 @@ class RedisTraceCache:
             if admission != "skip":
                 await self._exec("delete", lambda: self._client.delete(rkey), admission)
             return None
-        self.stats.record("hit", len(data))
+        self.stats.record("hit", nbytes)
         return entry
 
-    async def _get_in_pieces(self, rkey: str, size: int) -> bytes | None:
+    async def _get_whole(self, rkey: str) -> list[bytes] | None:
+        data = await self._client.get(rkey)
+        return None if data is None else [data]
+
+    async def _get_in_pieces(self, rkey: str, size: int) -> list[bytes] | None:
         """A large value as GETRANGEs of READ_PIECE_BYTES, pipelined in one MULTI/EXEC (atomic: never parts of two
         writes). redis-py parses one huge bulk reply through a buffer that grows and is copied as it fills: a
-        45 MiB GET took 117 ms here, these pieces 59 ms (docs/benchmarks.md). None if the value is gone or was
-        replaced by one of another size since `size` was read (a miss, not a corrupt entry)."""
+        45 MiB GET took 117 ms here, these pieces 59 ms (docs/benchmarks.md). The pieces are decoded as they are
+        (`CachedTrace.from_pieces`): joining them cost another 20-30 ms. None if the value is gone or was replaced
+        by one of another size since `size` was read (a miss, not a corrupt entry)."""
         async with self._client.pipeline(transaction=True) as pipe:
             for start in range(0, size, READ_PIECE_BYTES):
                 pipe.getrange(rkey, start, min(size, start + READ_PIECE_BYTES) - 1)
             pieces = await pipe.execute()
-        data = b"".join(pieces)
-        return data if len(data) == size else None
+        return pieces if sum(map(len, pieces)) == size else None
 
     async def put(self, key: str, entry: CachedTrace) -> bool:
         if entry.nbytes > self.max_entry_bytes:  # tensor bytes alone exceed it: skip without serializing
