@@ -1,6 +1,7 @@
 """Python SDK for the interpgw interpretability gateway (sync and asyncio), without torch or vLLM."""
 
 from interpgw_client.aio import AsyncClient, AsyncGenerateStream, AsyncKeys, AsyncProbes, AsyncSteering
+from interpgw_client.allocator import keep_freed_memory
 from interpgw_client.client import Client, GenerateStream, Keys, Probes, Steering
 from interpgw_client.errors import (
     CancelledError,
@@ -69,5 +70,6 @@ __all__ = [
     "TraceResult",
     "UnauthenticatedError",
     "UnavailableError",
+    "keep_freed_memory",
     "render_html",
 ]

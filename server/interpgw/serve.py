@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from interpgw.config import AuthConfig, CacheConfig, EngineConfig, LimitsConfig, ServerConfig, TlsConfig
+from interpgw_client.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 
 log = logging.getLogger("interpgw")
 
@@ -112,6 +113,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     limits.add_argument("--key-max-concurrent", type=int, default=None, help="default calls in flight per API key")
     limits.add_argument(
         "--key-capture-bytes-per-min", type=int, default=None, help="default captured bytes per minute per API key"
+    )
+    parser.add_argument(
+        "--malloc-keep-mib",
+        type=int,
+        default=DEFAULT_KEEP_BYTES // 2**20,
+        help="freed memory (MiB) this process and vLLM's keep for reuse instead of returning it to the kernel "
+        "(glibc; large traces then skip page faults); 0: glibc's defaults",
     )
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -448,6 +456,8 @@ def _kill_descendants() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if keep_freed_memory(args.malloc_keep_mib * 2**20):
+        log.info("malloc: keeping up to %d MiB of freed memory for reuse (--malloc-keep-mib)", args.malloc_keep_mib)
     asyncio.run(run(config_from_args(args), args.shutdown_grace))
 
 
