@@ -152,6 +152,8 @@ class _StepPlan:
     captures: dict[str, _HookSelection]
     edits: dict[str, _EditGroup]
     stash_layers: set[int]  # layers whose resid_pre must be kept for resid_mid edits (Llama family)
+    hooks: frozenset[str]  # every hook point this step records, edits or taps for signals
+    layers: frozenset[int]  # the layers among them: the other layers' hooks return at once
 
 
 class ActivationRecorder:
@@ -364,7 +366,9 @@ class ActivationRecorder:
             editing = [capture for _, capture in active if capture.edits]
             stats.interventions.append(sum(len(capture.edits) for capture in editing))
             stats.configs.append(len({capture.salt for capture in editing}))
-        return _StepPlan(captures=selections, edits=edits, stash_layers=stash)
+        hooks = frozenset({*selections, *edits, *taps})
+        layers = frozenset(int(hook.split(".")[1]) for hook in hooks if hook.startswith("blocks."))
+        return _StepPlan(captures=selections, edits=edits, stash_layers=stash, hooks=hooks, layers=layers)
 
     @staticmethod
     def _plan_edits(
@@ -552,11 +556,15 @@ class ActivationRecorder:
     # ------------------------------------------------------------------ hooks
 
     def _on_embed(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self._plan is not None:
+        if self._plan is not None and "hook_embed" in self._plan.hooks:
             self._visit("hook_embed", partial(_rows, output), output)
 
+    def _idle(self, layer: int) -> bool:
+        """Nothing to do in this layer this step (a capture of one layer leaves the other layers' hooks idle)."""
+        return self._plan is None or layer not in self._plan.layers
+
     def _on_layer_start(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._plan is None:
+        if self._idle(layer):
             return
         hook = f"blocks.{layer}.hook_resid_pre"
         if self.modules.fused_residual:
@@ -572,7 +580,7 @@ class ActivationRecorder:
             self._pending_pre = hidden
 
     def _on_attn(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._plan is None:
+        if self._idle(layer):
             return
         attn_out = output[0] if isinstance(output, tuple) else output
         self._visit(f"blocks.{layer}.hook_attn_out", partial(_rows, attn_out), attn_out)
@@ -584,12 +592,12 @@ class ActivationRecorder:
             self._record(mid, partial(_rows_sum, attn_out, self._pending_pre))
 
     def _on_mlp(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._plan is None:
+        if self._idle(layer):
             return
         self._visit(f"blocks.{layer}.hook_mlp_out", partial(_rows, output), output)
 
     def _on_layer_end(self, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._plan is None:
+        if self._idle(layer):
             return
         if self.modules.fused_residual:
             mlp_out, resid_mid = output
@@ -600,7 +608,7 @@ class ActivationRecorder:
             self._visit(f"blocks.{layer}.hook_resid_post", partial(_rows, output), output)
 
     def _on_final_norm(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._plan is None:
+        if self._plan is None or "ln_final.hook_normalized" not in self._plan.hooks:
             return
         normed = output[0] if isinstance(output, tuple) else output
         self._visit("ln_final.hook_normalized", partial(_rows, normed), normed)
