@@ -4,6 +4,7 @@ the real Redis and against a throwaway redis-server that is killed, paused and r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -108,6 +109,33 @@ def test_entry_decodes_from_pieces_split_anywhere() -> None:
         CachedTrace.from_pieces([data[:100], data[100:-1]])
 
 
+def format_1_bytes(entry: CachedTrace) -> bytes:
+    """What a format 1 gateway wrote (sha256 instead of CRC-32), computed here independently of the module."""
+    names = {torch.bfloat16: "BF16", torch.float32: "F32"}
+    body = {"format": 1, "token_ids": entry.token_ids, "positions": entry.positions}
+    body |= {"top_logits": entry.top_logits, "meta": entry.meta}
+    text = json.dumps(body, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode())
+    for name, tensor in sorted(entry.tensors.items()):
+        digest.update(json.dumps([name, names[tensor.dtype], list(tensor.shape)], separators=(",", ":")).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    header = json.dumps({**body, "sha256": digest.hexdigest()}, separators=(",", ":"))
+    return st_save(dict(entry.tensors), metadata={"interpgw": header})
+
+
+def test_format_1_entries_are_still_read_and_checked() -> None:
+    entry = make_entry(torch.bfloat16, top_logits={"x": [1.5]})
+    old = format_1_bytes(entry)
+    assert_bit_identical(CachedTrace.from_bytes(old), entry)
+    flipped = bytearray(old)
+    flipped[-3] ^= 0x04
+    with pytest.raises(CorruptEntry, match="checksum"):
+        CachedTrace.from_bytes(bytes(flipped))
+    written = entry.to_bytes()  # format 2
+    meta = json.loads(json.loads(written[8 : 8 + int.from_bytes(written[:8], "little")])["__metadata__"]["interpgw"])
+    assert meta["format"] == 2 and len(meta["crc32"]) == 8 and "sha256" not in meta
+
+
 def test_entry_is_plain_safetensors() -> None:
     from safetensors.torch import load
 
@@ -209,6 +237,7 @@ def test_entry_foreign_data_raises_corrupt() -> None:
         st_save({HOOKS[0]: torch.zeros(3, 8)}),  # safetensors without our metadata
         st_save({HOOKS[0]: torch.zeros(3, 8)}, metadata={"interpgw": "[1, 2]"}),
         st_save({HOOKS[0]: torch.zeros(3, 8)}, metadata={"interpgw": '{"format": 99}'}),
+        st_save({HOOKS[0]: torch.zeros(3, 8)}, metadata={"interpgw": '{"format": true}'}),  # True == 1 in Python
         st_save(dict(entry.tensors), metadata={"interpgw": "{"}),
     ]
     # A valid entry's metadata attached to other tensor values: the checksum catches it.

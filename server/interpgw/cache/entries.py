@@ -11,7 +11,9 @@ then reported as `CorruptEntry` instead of being served to a client as if it wer
 catches every burst error up to 32 bits and any other damage with probability 1 - 2^-32, which is what a check
 against accidental damage needs; it is not a defence against someone who can write to the store (neither was the
 sha256 of format 1: whoever can change the value can recompute an unkeyed hash too). It costs 11 ms over a 45 MiB
-entry here against sha256's 26 ms, on every cache hit.
+entry here against sha256's 26 ms, on every cache hit. Format 1 entries are still read (a stored trace's handle,
+given to a client, names its value directly and must outlive an upgrade); cache keys include the format, so a
+cache lookup never meets one.
 
 Reading parses the safetensors layout here rather than through `safetensors.torch.load`: that returns tensors backed
 by immutable `bytes` (read-only memory, with a warning) and would need a second copy to fix; this way each tensor is
@@ -29,7 +31,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ from safetensors.torch import save as st_save
 from interpgw.core.errors import Internal
 
 METADATA_KEY = "interpgw"  # safetensors metadata key holding the JSON of every non-tensor field
-FORMAT_VERSION = 2  # 2: CRC-32 instead of sha256 (format 1 entries are under other keys: never read)
+FORMAT_VERSION = 2  # written; format 1 (sha256) is still read: stored traces' handles outlive an upgrade
 KEY_PREFIX = "tr_"
 KEY_HEX_CHARS = 40
 
@@ -82,20 +84,38 @@ def _raw(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def _checksum(body_text: str, tensors: list[tuple[str, str, list[int], Iterator[Any]]]) -> str:
-    """CRC-32 over the JSON body, then per tensor (sorted by name) its [name, dtype, shape] JSON and its bytes, which
-    each tensor gives as an iterator of buffers (consumed here, in order).
+class _Crc32:
+    """zlib.crc32 with hashlib's update/hexdigest interface."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: Any) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+# format -> (metadata field, checksum state factory)
+_CHECKSUMS: dict[int, tuple[str, Callable[[], Any]]] = {1: ("sha256", hashlib.sha256), 2: ("crc32", _Crc32)}
+
+
+def _checksum(fmt: int, body_text: str, tensors: list[tuple[str, str, list[int], Iterator[Any]]]) -> str:
+    """The checksum of format `fmt` over the JSON body, then per tensor (sorted by name) its [name, dtype, shape]
+    JSON and its bytes, which each tensor gives as an iterator of buffers (consumed here, in order).
 
     Name, dtype and shape are covered as well as the bytes, so a header flip that renames a tensor or turns "F16"
     into "BF16" (same size, different numbers) is caught too. Each piece is self-delimiting, so the concatenation
     is unambiguous.
     """
-    crc = zlib.crc32(body_text.encode())
+    state = _CHECKSUMS[fmt][1]()
+    state.update(body_text.encode())
     for name, dtype, shape, buffers in sorted(tensors, key=lambda item: item[0]):
-        crc = zlib.crc32(json.dumps([name, dtype, shape], separators=(",", ":")).encode(), crc)
+        state.update(json.dumps([name, dtype, shape], separators=(",", ":")).encode())
         for buffer in buffers:
-            crc = zlib.crc32(buffer, crc)
-    return f"{crc:08x}"
+            state.update(buffer)
+    return state.hexdigest()
 
 
 class _Pieces:
@@ -182,7 +202,7 @@ class CachedTrace:
         """
         body = self._body()
         specs = [(name, _DTYPE_NAMES[t.dtype], list(t.shape), iter([_raw(t)])) for name, t in self.tensors.items()]
-        header = _body_text({**body, "crc32": _checksum(_body_text(body), specs)})
+        header = _body_text({**body, "crc32": _checksum(FORMAT_VERSION, _body_text(body), specs)})
         metadata = {METADATA_KEY: header}
         try:
             return st_save(self.tensors, metadata=metadata)
@@ -215,9 +235,10 @@ class CachedTrace:
             raise CorruptEntry(f"trace entry header unreadable: {exc!r}") from exc
         if not isinstance(body, dict):
             raise CorruptEntry("trace entry metadata is not a JSON object")
-        stored_crc = body.pop("crc32", None)
-        if body.get("format") != FORMAT_VERSION:
-            raise CorruptEntry(f"unsupported trace entry format {body.get('format')!r}")
+        fmt = body.get("format")
+        if fmt not in _CHECKSUMS or isinstance(fmt, bool):
+            raise CorruptEntry(f"unsupported trace entry format {fmt!r}")
+        stored_checksum = body.pop(_CHECKSUMS[fmt][0], None)
         if tuple(body) != _BODY_FIELDS:
             raise CorruptEntry(f"trace entry metadata has fields {sorted(body)}, expected {sorted(_BODY_FIELDS)}")
 
@@ -235,7 +256,7 @@ class CachedTrace:
                 yield part
 
         checks = [(name, dtype, shape, copied(name, start, end)) for name, dtype, shape, start, end in specs]
-        if stored_crc != _checksum(_body_text(body), checks):
+        if stored_checksum != _checksum(fmt, _body_text(body), checks):
             raise CorruptEntry("trace entry checksum mismatch")
         token_ids, positions, top_logits, meta = (body[k] for k in _BODY_FIELDS[1:])
         ok = (
