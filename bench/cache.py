@@ -13,12 +13,17 @@ the repository root:
 
     .venv/bin/python bench/cache.py                       # Redis at 127.0.0.1:6379, 7 timed runs each
     .venv/bin/python bench/cache.py --backend memory --repeats 3
+    .venv/bin/python bench/cache.py --client-keeps-freed-memory   # the client calls keep_freed_memory()
+
+The gateway keeps freed memory for reuse by default (`--malloc-keep-mib`); a client process does so only when it
+calls `interpgw_client.keep_freed_memory()`, which this benchmark does with `--client-keeps-freed-memory`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,17 +51,29 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path, default=BENCH / "cache.json")
+    parser.add_argument("--client-keeps-freed-memory", action="store_true", help="call keep_freed_memory() here")
     args = parser.parse_args()
 
     import redis
 
     from gateway_process import GatewayProcess
-    from interpgw_client import Client
+    from interpgw_client import Client, keep_freed_memory
+
+    if args.client_keeps_freed_memory:
+        inherited = "GLIBC_TUNABLES" in os.environ
+        assert keep_freed_memory(), "keep_freed_memory() needs glibc"
+        if not inherited:
+            del os.environ["GLIBC_TUNABLES"]  # the gateway runs with its own default (--malloc-keep-mib)
 
     prefix = f"interpgw-bench-{uuid.uuid4().hex[:8]}:"
     extra = ("--redis-url", args.redis_url, "--redis-prefix", prefix) if args.backend == "redis" else ()
     gateway = GatewayProcess("--max-capture-bytes", str(1024 * 2**20), *extra, startup_timeout=600)
-    report: dict = {"backend": args.backend, "repeats": args.repeats, "traces": {}}
+    report: dict = {
+        "backend": args.backend,
+        "repeats": args.repeats,
+        "client_keeps_freed_memory": args.client_keeps_freed_memory,
+        "traces": {},
+    }
     try:
         with Client(gateway.address, timeout=600) as client:
             hooks = [f"blocks.{i}.hook_resid_post" for i in range(client.model_info().n_layers)]

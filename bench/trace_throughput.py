@@ -13,6 +13,11 @@ from the tokens actually generated, and a shortfall is reported.
                    layer's output, and nnsight `generate` with `.save()` on every layer's output at every step
   serving      (d) N SDK clients with one request each, at once, against the same N requests one at a time
 
+The gateway keeps freed memory for reuse by default (`--malloc-keep-mib`, glibc); the plain vLLM, transformers and
+nnsight sections get the same allocator settings (`interpgw_client.keep_freed_memory()` at the start of their
+worker, which vLLM's engine process inherits), so the comparison is of the code and not of glibc's defaults. The
+SDK client of the gateway sections keeps glibc's defaults, as a user's process would.
+
 Each section runs in a fresh worker process (no leftover threads, memory or engine between sections), and only
 one engine is alive at a time: two engines on a small CPU machine fight over the cores. Each configuration gets
 one untimed warm-up run, then the median of `--repeats` timed runs is reported, with the ratios the project's
@@ -481,6 +486,10 @@ def run_worker(section: str, args: argparse.Namespace) -> None:
     """Run one section in this (fresh) process and write its results as JSON."""
     prompts, _ = load_prompts(args.prompts, args.prompts_file)
     skip = set(args.skip)
+    if section != "gateway":  # the gateway process applies it itself; see the module docstring
+        from interpgw_client import keep_freed_memory
+
+        keep_freed_memory()
     if section == "vllm":
         results = section_vllm(prompts, args.new_tokens, args.repeats)
     elif section == "gateway":
@@ -647,6 +656,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prompt_source": source,
                 "dtype": "bfloat16",
                 "model": model_dir(),
+                "malloc": "peers and gateway keep freed memory (keep_freed_memory); the SDK client does not",
             },
             "environment": {
                 "python": platform.python_version(),
