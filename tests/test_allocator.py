@@ -58,7 +58,9 @@ def run(mode: str) -> dict:
 def test_freed_memory_is_kept_for_reuse_here_and_in_forked_and_executed_children() -> None:
     default, kept = run("default"), run("keep")
     assert kept["applied"] and not default["tunables"]
-    assert kept["tunables"] == "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912"
+    assert kept["tunables"] == (
+        "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912:glibc.malloc.arena_max=2"
+    )
     for process in ("self", "forked", "executed"):
         d, k = default[process], kept[process]
         assert d["peak"] - d["base"] > 150 * MiB and k["peak"] - k["base"] > 150 * MiB

@@ -9,8 +9,9 @@ Redis and the client's arrays, so page faults were most of a cache hit (docs/ben
 `keep_freed_memory` makes the process keep up to `trim_bytes` of freed memory for reuse and take every block up to
 32 MiB (the largest mmap threshold glibc accepts on 64-bit) from its heaps. The same settings reach processes it
 starts afterwards (vLLM's engine) through GLIBC_TUNABLES. It is what allocators such as tcmalloc, which vLLM's CPU
-guide recommends preloading, do by default. The cost: up to `trim_bytes` of freed memory stays in the process's
-resident set after a large request.
+guide recommends preloading, do by default. The cost: freed memory stays in the process's resident set after a
+large request, up to `trim_bytes` per malloc arena; the arenas are limited to ARENA_MAX (glibc would otherwise
+create up to 8 per core for threads that allocate at once), so a process keeps at most ARENA_MAX * `trim_bytes`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import os
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_MAX = 32 * 2**20
+ARENA_MAX = 2
 DEFAULT_KEEP_BYTES = 256 * 2**20
 
 
@@ -39,10 +42,12 @@ def keep_freed_memory(trim_bytes: int = DEFAULT_KEEP_BYTES) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     trim_bytes = min(trim_bytes, 2**31 - 1)
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, trim_bytes) == 1):
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, trim_bytes), (M_ARENA_MAX, ARENA_MAX))
+    if not all(mallopt(parameter, value) == 1 for parameter, value in settings):
         return False
     os.environ.setdefault(
         "GLIBC_TUNABLES",
-        f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:glibc.malloc.trim_threshold={trim_bytes}",
+        f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:glibc.malloc.trim_threshold={trim_bytes}"
+        f":glibc.malloc.arena_max={ARENA_MAX}",
     )
     return True
