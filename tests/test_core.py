@@ -133,7 +133,7 @@ def test_hand_encoded_chunks_parse_as_the_messages_protobuf_would_build(response
         for assembler, raw in zip(assemblers, (item.payload, message.SerializeToString()), strict=True):
             chunk = deserialize(raw)
             assert isinstance(chunk, ReceivedChunk) and bytes(chunk.data) == message.tensor.data
-            assert (chunk.hook, list(chunk.shape), chunk.offset) == (
+            assert (chunk.header.hook, list(chunk.header.shape), chunk.header.offset) == (
                 message.tensor.hook,
                 message.tensor.shape,
                 message.tensor.offset,

@@ -30,30 +30,6 @@ class ReceivedChunk:
     header: pb.TensorChunk  # every field but `data`
     data: memoryview
 
-    @property
-    def prompt_index(self) -> int:
-        return self.header.prompt_index
-
-    @property
-    def hook(self) -> str:
-        return self.header.hook
-
-    @property
-    def dtype(self) -> str:
-        return self.header.dtype
-
-    @property
-    def shape(self) -> Any:
-        return self.header.shape
-
-    @property
-    def offset(self) -> int:
-        return self.header.offset
-
-    @property
-    def total_bytes(self) -> int:
-        return self.header.total_bytes
-
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     """(value, position after it); IndexError past the end, ValueError if longer than 10 bytes."""

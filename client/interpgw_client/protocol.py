@@ -651,11 +651,14 @@ class TensorAssembler:
         self._parts: dict[tuple[int, str], _TensorParts] = {}
 
     def add(self, chunk: pb.TensorChunk | ReceivedChunk) -> None:
+        data = chunk.data
+        if isinstance(chunk, ReceivedChunk):
+            chunk = chunk.header  # the other fields
         key = (chunk.prompt_index, chunk.hook)
         parts = self._parts.get(key)
         if parts is None:
             parts = self._parts[key] = _TensorParts(chunk.dtype, tuple(chunk.shape), chunk.total_bytes)
-        buffer, data = parts.buffer, chunk.data
+        buffer = parts.buffer
         if chunk.offset == len(buffer):
             buffer += data
         else:  # out of order (not what the gateway sends): place it, zero-filling any gap
