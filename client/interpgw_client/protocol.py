@@ -20,6 +20,7 @@ from interpgw_client.signals import (
     TokenSignals,
     build_signals,
 )
+from interpgw_client.tensor_memory import TensorMemory
 from interpgw_client.tensors import decode, is_index
 
 # A prompt: text, chat messages ([{"role": ..., "content": ...}]) or token ids.
@@ -635,20 +636,21 @@ class _TensorParts:
     dtype: str
     shape: tuple[int, ...]
     total_bytes: int
-    buffer: bytearray = field(default_factory=bytearray)
+    buffer: bytearray | np.ndarray  # [total_bytes] uint8, from the response's TensorMemory
+    received: int = 0
 
 
 class TensorAssembler:
     """Reassembles TensorChunk messages into arrays keyed by (prompt_index, hook).
 
-    Chunks arrive in order, so each is appended to its tensor's buffer: one copy out of the message, into memory
-    the array then owns. (Filling a zeroed buffer of the full size first made a 45 MiB trace cost 2.5x more here:
-    every page is touched twice; see docs/benchmarks.md, activation cache.)
+    Each tensor's memory is taken once, at its first chunk, from the response's `TensorMemory` (large tensors share
+    huge-page-backed blocks, see there); each chunk is then copied to its offset: the one copy out of the message.
     """
 
     def __init__(self, as_torch: bool) -> None:
         self.as_torch = as_torch
         self._parts: dict[tuple[int, str], _TensorParts] = {}
+        self._memory = TensorMemory()
 
     def add(self, chunk: pb.TensorChunk | ReceivedChunk) -> None:
         data = chunk.data
@@ -657,23 +659,25 @@ class TensorAssembler:
         key = (chunk.prompt_index, chunk.hook)
         parts = self._parts.get(key)
         if parts is None:
-            parts = self._parts[key] = _TensorParts(chunk.dtype, tuple(chunk.shape), chunk.total_bytes)
-        buffer = parts.buffer
-        if chunk.offset == len(buffer):
-            buffer += data
-        else:  # out of order (not what the gateway sends): place it, zero-filling any gap
-            if chunk.offset > len(buffer):
-                buffer.extend(bytes(chunk.offset - len(buffer)))
-            buffer[chunk.offset : chunk.offset + len(data)] = data
+            total = chunk.total_bytes
+            parts = self._parts[key] = _TensorParts(chunk.dtype, tuple(chunk.shape), total, self._memory.take(total))
+        end = chunk.offset + len(data)
+        if end > parts.total_bytes:
+            raise ValueError(
+                f"tensor {chunk.hook!r} of prompt {chunk.prompt_index}: a chunk ends at byte {end} of a "
+                f"{parts.total_bytes}-byte tensor"
+            )
+        memoryview(parts.buffer)[chunk.offset : end] = data
+        parts.received += len(data)
 
     def tensors(self, prompt_index: int) -> dict[str, Any]:
         out = {}
         for (index, hook), parts in self._parts.items():
             if index != prompt_index:
                 continue
-            if len(parts.buffer) != parts.total_bytes:
+            if parts.received != parts.total_bytes:
                 raise ValueError(
-                    f"tensor {hook!r} of prompt {index}: received {len(parts.buffer)} of {parts.total_bytes} bytes"
+                    f"tensor {hook!r} of prompt {index}: received {parts.received} of {parts.total_bytes} bytes"
                 )
             out[hook] = decode(parts.dtype, parts.shape, parts.buffer, self.as_torch)
         return out

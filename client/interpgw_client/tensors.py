@@ -20,28 +20,28 @@ _NUMPY = {
 }
 
 
-def to_numpy(dtype: str, shape: tuple[int, ...], data: bytes | bytearray) -> np.ndarray:
-    """Decode; a bytearray is used in place (the array owns it from then on), bytes are copied."""
+def to_numpy(dtype: str, shape: tuple[int, ...], data: bytes | bytearray | np.ndarray) -> np.ndarray:
+    """Decode; a bytearray or uint8 array is used in place (the result owns it from then on), bytes are copied."""
     if dtype == "bfloat16":
         bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape)
     if dtype not in _NUMPY:
         raise ValueError(f"unsupported tensor dtype {dtype!r}")
     array = np.frombuffer(data, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")).reshape(shape)
-    return array if isinstance(data, bytearray) else array.copy()
+    return array if isinstance(data, bytearray | np.ndarray) else array.copy()
 
 
-def to_torch(dtype: str, shape: tuple[int, ...], data: bytes | bytearray) -> Any:
+def to_torch(dtype: str, shape: tuple[int, ...], data: bytes | bytearray | np.ndarray) -> Any:
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    if not data:
+    if not len(data):
         return torch.empty(shape, dtype=torch_dtype)
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    buffer = data if isinstance(data, bytearray | np.ndarray) else bytearray(data)
     return torch.frombuffer(buffer, dtype=torch_dtype).reshape(shape)
 
 
-def decode(dtype: str, shape: tuple[int, ...], data: bytes | bytearray, as_torch: bool = False) -> Any:
+def decode(dtype: str, shape: tuple[int, ...], data: bytes | bytearray | np.ndarray, as_torch: bool = False) -> Any:
     return to_torch(dtype, shape, data) if as_torch else to_numpy(dtype, shape, data)
 
 
