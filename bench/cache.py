@@ -14,6 +14,11 @@ the repository root:
     .venv/bin/python bench/cache.py                       # Redis at 127.0.0.1:6379, 9 timed runs after a warm-up
     .venv/bin/python bench/cache.py --backend memory --repeats 3
     .venv/bin/python bench/cache.py --client-keeps-freed-memory   # the client calls keep_freed_memory()
+    .venv/bin/python bench/cache.py --redis-only          # no in-process copy in front of Redis: every hit reads Redis
+
+With Redis, the gateway keeps the entries it wrote or read in its own memory as well (`--cache-max-bytes`, the near
+cache), so a repeated trace on the same replica is served from there; `--redis-only` starts it with
+`--cache-max-bytes 0`, which is what a hit on another replica (whose memory does not hold the entry) costs.
 
 The gateway keeps freed memory for reuse by default (`--malloc-keep-mib`); a client process does so only when it
 calls `interpgw_client.keep_freed_memory()`, which this benchmark does with `--client-keeps-freed-memory`.
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", type=Path, default=BENCH / "cache.json")
     parser.add_argument("--client-keeps-freed-memory", action="store_true", help="call keep_freed_memory() here")
+    parser.add_argument("--redis-only", action="store_true", help="no in-process cache in front of Redis")
     args = parser.parse_args()
 
     import redis
@@ -67,11 +73,15 @@ def main() -> None:
 
     prefix = f"interpgw-bench-{uuid.uuid4().hex[:8]}:"
     extra = ("--redis-url", args.redis_url, "--redis-prefix", prefix) if args.backend == "redis" else ()
+    if args.redis_only:
+        assert args.backend == "redis", "--redis-only is for the Redis backend"
+        extra += ("--cache-max-bytes", "0")
     gateway = GatewayProcess("--max-capture-bytes", str(1024 * 2**20), *extra, startup_timeout=600)
     report: dict = {
         "backend": args.backend,
         "repeats": args.repeats,
         "client_keeps_freed_memory": args.client_keeps_freed_memory,
+        "near_cache": args.backend == "redis" and not args.redis_only,
         "traces": {},
     }
     try:

@@ -28,6 +28,7 @@ from interpgw.cache.backends import (
     CacheStats,
     MemoryTraceCache,
     RedisTraceCache,
+    TieredTraceCache,
     TraceCache,
     open_trace_cache,
 )
@@ -444,10 +445,20 @@ def test_constructor_validation_and_open() -> None:
     memory = open_trace_cache(None, "p:", max_bytes=1000, max_entry_bytes=100, ttl_s=5.0)
     assert isinstance(memory, MemoryTraceCache) and (memory.max_bytes, memory.max_entry_bytes) == (1000, 100)
     assert memory.ttl_s == 5.0
-    remote = open_trace_cache("redis://user:s3cret@127.0.0.1:6379/3", "p:", 1000, 100, None)
+    remote = open_trace_cache("redis://user:s3cret@127.0.0.1:6379/3", "p:", 1000, 100, None, near=False)
     assert isinstance(remote, RedisTraceCache) and isinstance(remote, TraceCache)
     assert remote.describe() == "redis://127.0.0.1:6379/3" and remote.prefix == "p:" and remote.ttl_s is None
     asyncio.run(remote.close())
+    alone = open_trace_cache("redis://127.0.0.1:6379/3", "p:", 0, 100, None)  # no in-process budget: Redis alone
+    assert isinstance(alone, RedisTraceCache)
+    asyncio.run(alone.close())
+    tiered = open_trace_cache("redis://127.0.0.1:6379/3", "p:", 1000, 100, 7.0)
+    assert isinstance(tiered, TieredTraceCache) and isinstance(tiered, TraceCache)
+    assert isinstance(tiered.near, MemoryTraceCache) and isinstance(tiered.far, RedisTraceCache)
+    assert (tiered.near.max_bytes, tiered.near.max_entry_bytes, tiered.near.ttl_s) == (1000, 100, 7.0)
+    assert (tiered.far.max_entry_bytes, tiered.far.ttl_s) == (100, 7.0)
+    assert tiered.describe() == "memory+redis://127.0.0.1:6379/3"
+    asyncio.run(tiered.close())
 
 
 # ---------------------------------------------------------------- redis cache (the real server)
@@ -578,6 +589,69 @@ def test_redis_corrupt_value_is_a_miss_and_deleted(redis_prefix: str, caplog: py
         assert sum("corrupt" in r.getMessage() for r in caplog.records) == 1  # rate-limited
     finally:
         client.close()
+
+
+def test_tiered_reads_near_first_and_copies_far_hits_near(redis_prefix: str) -> None:
+    """The near tier answers what it holds without Redis; a far hit is copied near after it is returned."""
+    small, large = make_entry(torch.bfloat16, seed=1), make_entry(n_positions=256, d_model=2048, seed=2)
+    assert serialized_size(large) > READ_PIECE_BYTES  # read from Redis in pieces, joined for the near copy
+    client = redis.Redis.from_url(REDIS_URL)
+
+    async def scenario() -> None:
+        writer = TieredTraceCache(MemoryTraceCache(), RedisTraceCache(REDIS_URL, prefix=redis_prefix))
+        reader = TieredTraceCache(MemoryTraceCache(), RedisTraceCache(REDIS_URL, prefix=redis_prefix))
+        try:
+            for key, entry in (("small", small), ("large", large)):
+                assert await reader.get(key) is None  # a miss in both tiers
+                assert await writer.put(key, entry)  # serialized once, stored in both
+                assert client.get(f"{redis_prefix}trace:{key}") == writer.near._entries[key][0]
+                assert_bit_identical(await reader.get(key), entry)  # from Redis (far)
+                await asyncio.gather(*reader._fills.values())  # the copy into near, after the hit was returned
+                assert key in reader.near and not reader._fills
+                client.delete(f"{redis_prefix}trace:{key}")  # gone from Redis: both still hit, from memory
+                for cache in (reader, writer):
+                    assert_bit_identical(await cache.get(key), entry)
+            assert (reader.far.stats.hits, reader.far.stats.misses) == (2, 2)  # Redis was read twice only
+            assert (reader.near.stats.hits, reader.near.stats.misses, reader.near.stats.writes) == (2, 4, 2)
+            assert (reader.stats.hits, reader.stats.misses) == (4, 2)  # the whole: a hit in either tier
+            assert (writer.near.stats.writes, writer.far.stats.writes) == (2, 2)
+            got = await reader.get("small")
+            got.tensors[HOOKS[0]].zero_()  # a hit is the caller's own copy, near too
+            assert_bit_identical(await reader.get("small"), small)
+            await reader.delete("small")
+            assert await reader.get("small") is None and await writer.get("small") is not None  # near is per replica
+        finally:
+            await reader.close()
+            await writer.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
+
+
+def test_tiered_with_redis_down_keeps_serving_and_storing_near() -> None:
+    entry = make_entry(seed=3)
+
+    async def scenario() -> TieredTraceCache:
+        cache = TieredTraceCache(MemoryTraceCache(), RedisTraceCache(f"redis://127.0.0.1:{free_port()}/0"))
+        try:
+            assert await cache.get("k") is None
+            assert await cache.put("k", entry)  # Redis refused it; memory kept it
+            assert_bit_identical(await cache.get("k"), entry)
+            too_large = make_entry(n_positions=64, d_model=64)
+            small_tiers = TieredTraceCache(
+                MemoryTraceCache(max_entry_bytes=1024), RedisTraceCache(REDIS_URL, max_entry_bytes=2048)
+            )
+            assert not await small_tiers.put("big", too_large)  # too large for either tier: not serialized
+            assert (small_tiers.near.stats.skipped_too_large, small_tiers.far.stats.skipped_too_large) == (1, 1)
+            await small_tiers.close()
+            return cache
+        finally:
+            await cache.close()
+
+    cache = asyncio.run(scenario())
+    assert cache.far.stats.errors >= 2 and (cache.near.stats.hits, cache.near.stats.writes) == (1, 1)
 
 
 def test_redis_unreachable_never_raises(caplog: pytest.LogCaptureFixture) -> None:

@@ -605,3 +605,24 @@ def test_tensor_assembler_joins_chunks_in_any_order_and_refuses_missing_bytes() 
         short.add(chunk)
     with pytest.raises(ValueError, match="received 120 of 140 bytes"):
         short.tensors(0)
+
+    overflowing = P.TensorAssembler(as_torch=False)
+    last = in_order[-1]
+    last.offset += 4  # would end past the tensor's 140 bytes
+    with pytest.raises(ValueError, match="a chunk ends at byte 144 of a 140-byte tensor"):
+        overflowing.add(last)
+
+
+def test_tensor_assembler_large_tensors_intact_in_shared_blocks() -> None:
+    """Tensors big enough to share the SDK's huge-page blocks come out exact, writable and independent."""
+    rng = np.random.default_rng(1)
+    arrays = {f"h{i}": rng.standard_normal((512, 160)).astype(np.float32) for i in range(12)}  # 320 KiB each
+    assembler = P.TensorAssembler(as_torch=False)
+    for hook, array in arrays.items():
+        for chunk in _chunks(array, hook, 100_000):
+            assembler.add(chunk)
+    tensors = assembler.tensors(0)
+    for hook, array in arrays.items():
+        assert np.array_equal(tensors[hook], array)
+    tensors["h3"][:] = 0.0  # writable, and no other tensor changes
+    assert all(np.array_equal(tensors[h], a) for h, a in arrays.items() if h != "h3")

@@ -14,6 +14,7 @@ import redis
 import torch
 
 from gateway_process import GatewayProcess, free_port
+from interpgw.cache.entries import CachedTrace
 from interpgw_client import Client, Intervention
 from tiny_models import TINY_SERVER_ARGS
 
@@ -48,7 +49,12 @@ def test_a_repeated_trace_is_a_hit_with_bit_identical_tensors(tiny_client) -> No
     assert tiny_client.trace(prompt, HOOKS, dtype="float32", interventions=edit)[0].cache_hit
 
 
-def test_a_corrupted_entry_in_redis_is_detected_and_recomputed(tiny_client, redis_args) -> None:  # noqa: ANN001
+def test_a_corrupted_entry_in_redis_is_recomputed_and_the_near_copy_still_served(  # noqa: ANN001
+    tiny_client, tiny_llama_dir, redis_args
+) -> None:
+    """The gateway that wrote an entry keeps a copy in its memory (the near cache) and serves hits from it even when
+    Redis's copy is damaged; a replica that reads Redis (here one with no near cache) detects the damage and
+    recomputes."""
     prefix = redis_args[redis_args.index("--redis-prefix") + 1]
     store = redis.Redis.from_url(redis_args[redis_args.index("--redis-url") + 1])
     before = set(store.scan_iter(match=f"{prefix}trace:*"))
@@ -57,11 +63,22 @@ def test_a_corrupted_entry_in_redis_is_detected_and_recomputed(tiny_client, redi
     (key,) = set(store.scan_iter(match=f"{prefix}trace:*")) - before
     value = store.get(key)
     store.set(key, value[: len(value) // 2] + bytes([value[len(value) // 2] ^ 0xFF]) + value[len(value) // 2 + 1 :])
-    recomputed = tiny_client.trace(prompt, HOOKS, dtype="float32")[0]
-    assert not recomputed.cache_hit
+    near = tiny_client.trace(prompt, HOOKS, dtype="float32")[0]
+    assert near.cache_hit
+    redis_only = GatewayProcess(
+        "--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, *redis_args, "--cache-max-bytes", "0"
+    )
+    try:
+        with Client(redis_only.address, as_torch=True, timeout=120) as client:
+            recomputed = client.trace(prompt, HOOKS, dtype="float32")[0]
+            assert not recomputed.cache_hit
+            assert client.trace(prompt, HOOKS, dtype="float32")[0].cache_hit, "the recomputed entry was written back"
+    finally:
+        redis_only.stop()
+    assert CachedTrace.from_bytes(store.get(key)).token_ids == first.token_ids  # a sound value again
     for hook in HOOKS:
         np.testing.assert_array_equal(recomputed.activations[hook], first.activations[hook])
-    assert tiny_client.trace(prompt, HOOKS, dtype="float32")[0].cache_hit, "the recomputed entry was written back"
+        np.testing.assert_array_equal(near.activations[hook], first.activations[hook])
     store.close()
 
 
@@ -138,8 +155,10 @@ def test_requests_survive_redis_dying_and_caching_resumes(tiny_llama_dir) -> Non
             assert client.trace(prompt, HOOKS)[0].cache_hit
             vector = client.steering.create(np.ones(128, dtype=np.float32), ["blocks.1.hook_resid_post"])
             server.kill()
-            down = [client.trace(prompt, HOOKS) for _ in range(5)]  # every request still succeeds, computed
-            assert not any(t[0].cache_hit for t in down)
+            assert all(client.trace(prompt, HOOKS)[0].cache_hit for _ in range(3))  # held in the gateway's memory
+            new = unique_prompt()
+            down = [client.trace(new, HOOKS)[0].cache_hit for _ in range(3)]  # every request still succeeds
+            assert down == [False, True, True]  # computed, then kept in memory while Redis is away
             stored = client.trace(unique_prompt(), HOOKS, store=True)[0]  # storing falls back to memory
             assert client.get_trace(stored.handle).token_ids == stored.token_ids
             from interpgw_client.errors import UnavailableError
@@ -150,7 +169,10 @@ def test_requests_survive_redis_dying_and_caching_resumes(tiny_llama_dir) -> Non
             time.sleep(3)  # the cache retries Redis after its back-off
             again = unique_prompt()
             assert not client.trace(again, HOOKS)[0].cache_hit
-            assert client.trace(again, HOOKS)[0].cache_hit, "caching did not resume after Redis came back"
+            assert client.trace(again, HOOKS)[0].cache_hit
+            written = redis.Redis.from_url(server.url)
+            assert list(written.scan_iter(match="*trace:*")), "caching in Redis did not resume after it came back"
+            written.close()
     finally:
         if gateway is not None:
             gateway.stop()
@@ -187,10 +209,16 @@ def test_metrics_count_what_happened(tiny_gateway, tiny_client) -> None:  # noqa
     n_bytes = sum(a.nbytes for a in first.activations.values())
     assert delta("interpgw_captured_bytes_total", model=model) == 2 * n_bytes  # the hit is streamed too
     assert delta("interpgw_captured_tensors_total", model=model) == 2 * len(HOOKS)
-    assert delta("interpgw_cache_events_total", backend="redis", kind="hit") == 1
+    # the hit came from the near cache in memory; Redis was asked only on the first lookup, and written once
+    assert delta("interpgw_cache_events_total", backend="memory", kind="hit") == 1
+    assert delta("interpgw_cache_events_total", backend="memory", kind="miss") == 1
+    assert delta("interpgw_cache_events_total", backend="memory", kind="write") == 1
+    assert delta("interpgw_cache_events_total", backend="redis", kind="hit") == 0
     assert delta("interpgw_cache_events_total", backend="redis", kind="miss") == 1
     assert delta("interpgw_cache_events_total", backend="redis", kind="write") == 1
+    assert delta("interpgw_cache_bytes_read_total", backend="memory") > n_bytes
     assert after[("interpgw_cache_up", (("backend", "redis"),))] == 1
+    assert after[("interpgw_cache_up", (("backend", "memory"),))] == 1
     assert delta("interpgw_time_to_first_token_seconds_count", model=model) == 2
     # from the engine worker: steps with hooks at work, their cost, and the steered steps' interventions
     assert delta("interpgw_forward_steps_total", model=model) >= 4

@@ -45,7 +45,11 @@ class LimitsConfig(BaseModel):
 
 
 class CacheConfig(BaseModel):
-    max_bytes: int = Field(1024 * 2**20, description="in-process trace cache budget (Redis: its own maxmemory)")
+    max_bytes: int = Field(
+        1024 * 2**20,
+        description="in-process trace cache budget; with Redis, of the copies kept in front of it (0: none); "
+        "Redis is bounded by its own maxmemory",
+    )
     max_entry_bytes: int = Field(256 * 2**20, description="larger traces are not cached")
     ttl_s: float | None = Field(24 * 3600.0, description="cached traces expire after this (None: never)")
     stored_ttl_s: float | None = Field(7 * 24 * 3600.0, description="stored traces (handles) expire after this")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from interpgw.config import AuthConfig, CacheConfig, EngineConfig, LimitsConfig, ServerConfig, TlsConfig
@@ -80,7 +81,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=srv.metrics_port,
         help="Prometheus /metrics HTTP port; 0: a free port; -1: off",
     )
-    parser.add_argument("--cache-max-bytes", type=int, default=CacheConfig().max_bytes, help="in-process cache budget")
+    parser.add_argument(
+        "--cache-max-bytes",
+        type=int,
+        default=CacheConfig().max_bytes,
+        help="in-process trace cache budget (with Redis: of the copies kept in front of it; 0: none)",
+    )
     parser.add_argument(
         "--cache-max-entry-bytes", type=int, default=CacheConfig().max_entry_bytes, help="larger traces are not cached"
     )
@@ -420,27 +426,34 @@ async def _poll_hook_stats(engine: Any, metrics: Any, model_id: str, interval_s:
 
 def _trace_repository(config: ServerConfig, metrics: Any) -> Any:
     """The trace cache and stored traces: in Redis when configured, else in process memory."""
-    from interpgw.cache.backends import open_trace_cache
+    from interpgw.cache.backends import RedisTraceCache, TieredTraceCache, open_trace_cache
     from interpgw.cache.traces import TraceRepository
 
     c = config.cache
     cache = open_trace_cache(config.redis_url, config.redis_prefix, c.max_bytes, c.max_entry_bytes, c.ttl_s)
+    # stored traces are read by handle, rarely twice in a row: no in-process copy of them beside Redis
     stored = open_trace_cache(
-        config.redis_url, config.redis_prefix + "stored:", c.max_bytes, c.max_entry_bytes, c.stored_ttl_s
+        config.redis_url, config.redis_prefix + "stored:", c.max_bytes, c.max_entry_bytes, c.stored_ttl_s, near=False
     )
     if metrics is not None:
-        backend = "redis" if config.redis_url else "memory"
-        metrics.cache_up(backend, True)
-        on_event = metrics.cache_callback(backend)
-
-        def listener(kind: str, nbytes: int) -> None:
-            on_event(kind, nbytes)
-            if kind in ("hit", "miss", "write", "error"):
-                metrics.cache_up(backend, kind != "error")
-
         for store in (cache, stored):
-            store.stats.on_event = listener
+            # a tiered cache's tiers are counted each under its own backend label; the cache as a whole is not
+            for tier in (store.near, store.far) if isinstance(store, TieredTraceCache) else (store,):
+                backend = "redis" if isinstance(tier, RedisTraceCache) else "memory"
+                metrics.cache_up(backend, True)
+                tier.stats.on_event = _cache_listener(metrics, backend)
     return TraceRepository(cache, stored)
+
+
+def _cache_listener(metrics: Any, backend: str) -> Callable[[str, int], None]:
+    on_event = metrics.cache_callback(backend)
+
+    def listener(kind: str, nbytes: int) -> None:
+        on_event(kind, nbytes)
+        if kind in ("hit", "miss", "write", "error"):
+            metrics.cache_up(backend, kind != "error")
+
+    return listener
 
 
 def _kill_descendants() -> None:

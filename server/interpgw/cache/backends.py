@@ -7,6 +7,11 @@ Two interchangeable backends behind one async protocol:
   that a caller may edit in place without changing the cache.
 - `RedisTraceCache`: Redis, shared by every replica behind a load balancer and surviving gateway restarts.
 
+`TieredTraceCache` puts a bounded `MemoryTraceCache` in front of Redis (a near cache, as LMCache keeps a local CPU
+tier in front of its remote one): a trace that this replica has written or read recently is served from its own
+memory, without moving tens of MiB out of Redis again. Entries are content-addressed (the key names everything that
+decides the trace), so the near copy never needs invalidating.
+
 A cache is an optimisation, never a dependency: unlike the vector registry, the Redis backend does not raise when
 Redis is down, slow or full. A failing call is counted, logged (rate-limited) and answered as a miss / not stored, and
 a small circuit breaker stops trying Redis for a while after a connection failure so that requests do not each pay a
@@ -127,6 +132,7 @@ class TraceCache(Protocol):
     """Async cache of activation traces, keyed by `cache_key` content addresses."""
 
     stats: CacheStats
+    max_entry_bytes: int  # larger entries are not stored
 
     async def get(self, key: str) -> CachedTrace | None:
         """The entry, or None on a miss (absent, expired, corrupt, or the backend unavailable)."""
@@ -134,6 +140,14 @@ class TraceCache(Protocol):
 
     async def put(self, key: str, entry: CachedTrace) -> bool:
         """Store the entry; True if stored, False if skipped (too large) or the backend failed."""
+        ...
+
+    async def put_encoded(self, key: str, data: bytes) -> bool:
+        """`put` of an entry already serialized with `CachedTrace.to_bytes` (`data` is not checked)."""
+        ...
+
+    async def get_with_value(self, key: str) -> tuple[CachedTrace, list[bytes]] | None:
+        """`get`, and the checked bytes the entry was read from (their concatenation), for a copy elsewhere."""
         ...
 
     async def delete(self, key: str) -> None:
@@ -212,6 +226,10 @@ class MemoryTraceCache:
         return len(data)
 
     async def get(self, key: str) -> CachedTrace | None:
+        found = await self.get_with_value(key)
+        return None if found is None else found[0]
+
+    async def get_with_value(self, key: str) -> tuple[CachedTrace, list[bytes]] | None:
         item = self._entries.get(key)
         if item is None or self._expired(item):
             if item is not None:
@@ -230,14 +248,17 @@ class MemoryTraceCache:
             self.stats.record("miss")
             return None
         self.stats.record("hit", len(data))
-        return entry
+        return entry, [data]
 
     async def put(self, key: str, entry: CachedTrace) -> bool:
-        limit = min(self.max_entry_bytes, self.max_bytes)
-        if entry.nbytes > limit:  # tensor bytes alone exceed it: skip without serializing
+        if entry.nbytes > min(self.max_entry_bytes, self.max_bytes):  # tensor bytes alone exceed it: not serialized
             self.stats.record("skip", entry.nbytes)
             return False
-        data = await _encode(entry)
+        return await self.put_encoded(key, await _encode(entry))
+
+    async def put_encoded(self, key: str, data: bytes) -> bool:
+        """`put` of an entry already serialized (`CachedTrace.to_bytes`)."""
+        limit = min(self.max_entry_bytes, self.max_bytes)
         if len(data) > limit:
             self.stats.record("skip", len(data))
             return False
@@ -399,6 +420,10 @@ class RedisTraceCache:
             log.info("trace cache at %s is reachable again; caching resumed", self._where)
 
     async def get(self, key: str) -> CachedTrace | None:
+        found = await self.get_with_value(key)
+        return None if found is None else found[0]
+
+    async def get_with_value(self, key: str) -> tuple[CachedTrace, list[bytes]] | None:
         admission = self._admit()
         if admission == "skip":
             return None
@@ -439,7 +464,7 @@ class RedisTraceCache:
                 await self._exec("delete", lambda: self._client.delete(rkey), admission)
             return None
         self.stats.record("hit", nbytes)
-        return entry
+        return entry, pieces
 
     async def _get_whole(self, rkey: str) -> list[bytes] | None:
         data = await self._client.get(rkey)
@@ -463,11 +488,14 @@ class RedisTraceCache:
             return False
         if self._skip():  # before serializing: no work for a value that cannot be sent
             return False
-        data = await _encode(entry)
+        return await self.put_encoded(key, await _encode(entry))
+
+    async def put_encoded(self, key: str, data: bytes) -> bool:
+        """`put` of an entry already serialized (`CachedTrace.to_bytes`)."""
         if len(data) > self.max_entry_bytes:
             self.stats.record("skip", len(data))
             return False
-        admission = self._admit()  # again: the state may have changed while serializing
+        admission = self._admit()  # (again, after `put`'s check: the state may have changed while serializing)
         if admission == "skip":
             return False
         rkey = self._key(key)
@@ -493,6 +521,83 @@ class RedisTraceCache:
         return self._where
 
 
+class TieredTraceCache:
+    """A bounded in-process cache (`near`) in front of a shared one (`far`: Redis).
+
+    get: near first; on a near miss far, and a far hit is copied into near after the caller has its entry (the bytes
+    read from far, already checked: joining them must not delay the response). put: serialized once, stored in both.
+    With Redis down, entries held near are still served and new ones still kept near.
+
+    Each tier keeps its own `stats`, which the metrics label by backend ("memory", "redis"); this cache's `stats`
+    counts lookups as a whole: a hit in either tier is a hit, a miss in both is a miss.
+    """
+
+    def __init__(self, near: MemoryTraceCache, far: TraceCache) -> None:
+        self.near = near
+        self.far = far
+        self.stats = CacheStats()
+        self._fills: dict[str, asyncio.Task[bool]] = {}  # key -> copy into near in progress
+
+    async def get(self, key: str) -> CachedTrace | None:
+        found = await self.get_with_value(key)
+        return None if found is None else found[0]
+
+    async def get_with_value(self, key: str) -> tuple[CachedTrace, list[bytes]] | None:
+        found = await self.near.get_with_value(key)
+        if found is None:
+            found = await self.far.get_with_value(key)
+            if found is not None and key not in self._fills:
+                self._fills[key] = asyncio.get_running_loop().create_task(self._fill(key, found[1]))
+        if found is None:
+            self.stats.record("miss")
+            return None
+        self.stats.record("hit", sum(map(len, found[1])))
+        return found
+
+    async def _fill(self, key: str, pieces: list[bytes]) -> bool:
+        try:
+            if len(pieces) == 1:
+                return await self.near.put_encoded(key, pieces[0])
+            size = sum(map(len, pieces))
+            data = await asyncio.to_thread(b"".join, pieces) if size >= OFFLOAD_BYTES else b"".join(pieces)
+            return await self.near.put_encoded(key, data)
+        except Exception:  # a failed copy costs a later far read, never a request
+            log.warning("copying cached trace %s into process memory failed", key, exc_info=True)
+            return False
+        finally:
+            self._fills.pop(key, None)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        return max(min(self.near.max_entry_bytes, self.near.max_bytes), self.far.max_entry_bytes)
+
+    async def put(self, key: str, entry: CachedTrace) -> bool:
+        if entry.nbytes > self.max_entry_bytes:  # too large for either tier: skip without serializing
+            for tier in (self.near, self.far):
+                tier.stats.record("skip", entry.nbytes)
+            return False
+        return await self.put_encoded(key, await _encode(entry))  # serialized once for both
+
+    async def put_encoded(self, key: str, data: bytes) -> bool:
+        near = await self.near.put_encoded(key, data)
+        far = await self.far.put_encoded(key, data)
+        return near or far
+
+    async def delete(self, key: str) -> None:
+        await self.near.delete(key)
+        await self.far.delete(key)
+
+    async def close(self) -> None:
+        for task in list(self._fills.values()):
+            task.cancel()
+        await asyncio.gather(*self._fills.values(), return_exceptions=True)
+        await self.near.close()
+        await self.far.close()
+
+    def describe(self) -> str:
+        return f"memory+{self.far.describe()}"
+
+
 class _LogThrottle:
     """Counts occurrences of something worth a WARNING and says when to log them: at most once per interval."""
 
@@ -512,12 +617,16 @@ class _LogThrottle:
 
 
 def open_trace_cache(
-    redis_url: str | None, prefix: str, max_bytes: int, max_entry_bytes: int, ttl_s: float | None
+    redis_url: str | None, prefix: str, max_bytes: int, max_entry_bytes: int, ttl_s: float | None, near: bool = True
 ) -> TraceCache:
-    """Redis cache when a URL is configured, otherwise an in-memory one.
+    """An in-memory cache of `max_bytes`; with a Redis URL, Redis, behind such a cache unless `near` is False or
+    `max_bytes` is 0.
 
-    `max_bytes` bounds only the in-memory cache: Redis is bounded by its own maxmemory setting.
+    `max_bytes` bounds only the in-process memory: Redis is bounded by its own maxmemory setting.
     """
     if not redis_url:
         return MemoryTraceCache(max_bytes=max_bytes, max_entry_bytes=max_entry_bytes, ttl_s=ttl_s)
-    return RedisTraceCache(redis_url, prefix=prefix, max_entry_bytes=max_entry_bytes, ttl_s=ttl_s)
+    far = RedisTraceCache(redis_url, prefix=prefix, max_entry_bytes=max_entry_bytes, ttl_s=ttl_s)
+    if not near or max_bytes <= 0:
+        return far
+    return TieredTraceCache(MemoryTraceCache(max_bytes=max_bytes, max_entry_bytes=max_entry_bytes, ttl_s=ttl_s), far)
