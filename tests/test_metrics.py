@@ -480,3 +480,61 @@ def test_dashboard_is_valid_json_with_a_query_per_panel() -> None:
     assert len(panels) >= 15
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in panels)
+
+
+def test_hook_stats_are_polled_while_the_engine_works_and_once_after() -> None:
+    """An idle engine is not asked (each call makes vLLM's worker spin for a second); a busy one is, and once more
+    after its last request, for the last steps."""
+    from interpgw.serve import _poll_hook_stats
+
+    class Engine:
+        requests_started = 0
+        requests_running = 0
+        polls = 0
+
+        async def hook_stats(self) -> dict:
+            self.polls += 1
+            return {"seconds": 0.5, "steps": 2, "interventions": [1, 1], "configs": [1, 1]}
+
+    class Metrics:
+        seconds = 0.0
+
+        def hook_stats(self, model_id: str, seconds: float, steps: int, interventions: list, configs: list) -> None:
+            assert model_id == "m" and steps == 2
+            self.seconds += seconds
+
+    async def scenario() -> list[int]:
+        ticks: asyncio.Queue[None] = asyncio.Queue()
+        done_ticks: asyncio.Queue[None] = asyncio.Queue()
+
+        async def sleep(_: float) -> None:
+            done_ticks.put_nowait(None)  # the previous interval's work is done
+            await ticks.get()
+
+        engine, metrics = Engine(), Metrics()
+        poller = asyncio.ensure_future(_poll_hook_stats(engine, metrics, "m", sleep=sleep))
+        await done_ticks.get()
+        polls = []
+
+        async def tick() -> None:
+            ticks.put_nowait(None)
+            await done_ticks.get()
+            polls.append(engine.polls)
+
+        for _ in range(3):
+            await tick()  # idle: not asked
+        engine.requests_started, engine.requests_running = 1, 1
+        await tick()  # running: asked
+        await tick()
+        engine.requests_running = 0
+        await tick()  # finished since the last poll: asked once more
+        await tick()
+        await tick()  # idle again: not asked
+        engine.requests_started = 2  # a request that started and finished between two polls
+        await tick()
+        await tick()
+        poller.cancel()
+        assert metrics.seconds == 0.5 * engine.polls
+        return polls
+
+    assert asyncio.run(scenario()) == [0, 0, 0, 1, 2, 3, 3, 3, 4, 4]

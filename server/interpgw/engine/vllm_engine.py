@@ -67,6 +67,8 @@ class VllmEngine:
         # Hooks see the whole model only when one rank holds every layer (any tensor-parallel size: the residual
         # stream is complete on every rank there); pipeline stages would each hold part of the layers.
         self.supports_hooks = True
+        self.requests_started = 0  # generate() calls so far (see `serve._poll_hook_stats`)
+        self.requests_running = 0
 
     @classmethod
     async def start(
@@ -181,6 +183,8 @@ class VllmEngine:
             # puts this request's cached blocks in their own namespace.
             prompt["cache_salt"] = capture.edit_salt()
         outputs = self._llm.generate(prompt, params, request_id)
+        self.requests_started += 1
+        self.requests_running += 1
         try:
             async with contextlib.aclosing(outputs):  # closing aborts the request in vLLM at once
                 async for output in outputs:
@@ -191,6 +195,8 @@ class VllmEngine:
             ) from None
         except VLLMClientError as exc:  # a check of vLLM's own that the gateway's validation did not anticipate
             raise InvalidArgument(f"vLLM refused the request: {exc}") from None
+        finally:
+            self.requests_running -= 1
 
     def dead(self) -> bool:
         """True once vLLM's engine process has died; the gateway then reports NOT_SERVING and exits."""
