@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from interpgw.cache.backends import (
+    _FAILED,
     READ_PIECE_BYTES,
     CacheStats,
     MemoryTraceCache,
@@ -784,6 +785,34 @@ def test_redis_killed_paused_and_restarted(redis_server: RedisServer) -> None:
             os.kill(redis_server.proc.pid, signal.SIGCONT)
             await asyncio.sleep(retry + 0.1)
             assert_bit_identical(await cache.get("k3"), entry)
+        finally:
+            await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_large_read_in_a_thread_fails_like_any_command(redis_server: RedisServer) -> None:
+    """Large values are read by the synchronous client in a worker thread: a Redis that dies or stops answering
+    there costs the command's deadline, counts as an error and opens the breaker, as on the asyncio client."""
+    entry = make_entry(torch.bfloat16, n_positions=256, d_model=4096, seed=4)  # 2 MiB: read in pieces
+    rkey = "t:trace:big"
+
+    async def scenario() -> None:
+        cache = RedisTraceCache(redis_server.url, prefix="t:", retry_interval_s=60.0)
+        try:
+            assert await cache.put("big", entry)
+            assert_bit_identical(await cache.get("big"), entry)
+            size = serialized_size(entry)
+            assert size > READ_PIECE_BYTES
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)  # after its size was read, before its pieces
+            try:
+                read = cache._exec("get", lambda: cache._get_in_pieces(rkey, size), "send", nbytes=size)
+                result, elapsed = await timed(read)
+                assert result is _FAILED and elapsed < cache._deadline_s(size) + 0.5  # failed, at its deadline
+                assert cache.stats.errors == 1 and cache._skipping()
+                assert await cache.get("big") is None and cache.skipped_while_down == 1  # the breaker is open
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
         finally:
             await cache.close()
 
