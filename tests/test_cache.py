@@ -849,3 +849,20 @@ def test_redis_full_fails_puts_but_keeps_reading() -> None:
         asyncio.run(scenario())
     finally:
         server.kill()
+
+
+def test_the_gateway_puts_memory_in_front_of_redis_for_cached_traces_only() -> None:
+    from interpgw.config import CacheConfig, ServerConfig
+    from interpgw.serve import _trace_repository
+
+    with pytest.raises(SystemExit, match="--cache-max-bytes must be positive without --redis-url"):
+        _trace_repository(ServerConfig(cache=CacheConfig(max_bytes=0)), None)
+    tiered = _trace_repository(ServerConfig(redis_url=REDIS_URL), None)
+    redis_only = _trace_repository(ServerConfig(redis_url=REDIS_URL, cache=CacheConfig(max_bytes=0)), None)
+    try:
+        assert isinstance(tiered.cache, TieredTraceCache) and isinstance(tiered.stored, RedisTraceCache)
+        assert tiered.cache.near.max_bytes == CacheConfig().max_bytes
+        assert isinstance(redis_only.cache, RedisTraceCache) and isinstance(redis_only.stored, RedisTraceCache)
+    finally:
+        for repository in (tiered, redis_only):
+            asyncio.run(repository.close())

@@ -446,6 +446,11 @@ def _trace_repository(config: ServerConfig, metrics: Any) -> Any:
     from interpgw.cache.traces import TraceRepository
 
     c = config.cache
+    if c.max_bytes <= 0 and not config.redis_url:
+        raise SystemExit(
+            "interpgw serve: --cache-max-bytes must be positive without --redis-url (0 turns off only "
+            "the in-process copy in front of Redis)"
+        )
     cache = open_trace_cache(config.redis_url, config.redis_prefix, c.max_bytes, c.max_entry_bytes, c.ttl_s)
     # stored traces are read by handle, rarely twice in a row: no in-process copy of them beside Redis
     stored = open_trace_cache(

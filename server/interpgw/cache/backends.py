@@ -530,9 +530,12 @@ class RedisTraceCache:
     async def close(self) -> None:
         try:
             await self._client.aclose()
-            self._reader.close()
         except Exception as exc:  # closing sockets of a dead server must not fail a shutdown
             log.debug("closing trace cache client for %s: %s", self._where, exc)
+        try:
+            self._reader.close()  # also unblocks a read still waiting on a hung server
+        except Exception as exc:
+            log.debug("closing trace cache reader for %s: %s", self._where, exc)
 
     def describe(self) -> str:
         return self._where
