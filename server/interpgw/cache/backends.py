@@ -319,23 +319,18 @@ class RedisTraceCache:
         self.retry_interval_s = retry_interval_s
         self.log_interval_s = log_interval_s
         self.stats = CacheStats()
+        timeouts = {
+            # A backstop only: each command runs under its own deadline sized to its value (see `_exec`).
+            "socket_timeout": self._deadline_s(max_entry_bytes),
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        }
+        # One retry on a connection error only: it replaces a pooled connection that died (e.g. Redis restarted) at
+        # no visible cost, while a timeout is not retried so a hung Redis costs one timeout.
+        retry = {"retries": 1, "supported_errors": (RedisConnectionError,)}
         try:
-            self._client = aioredis.Redis.from_url(
-                url,
-                # A backstop only: each command runs under its own deadline sized to its value (see `_exec`).
-                socket_timeout=self._deadline_s(max_entry_bytes),
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                # One retry on a connection error only: it replaces a pooled connection that died (e.g. Redis
-                # restarted) at no visible cost, while a timeout is not retried so a hung Redis costs one timeout.
-                retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
-            )
+            self._client = aioredis.Redis.from_url(url, **timeouts, retry=Retry(NoBackoff(), **retry))
             # Large values are read by a synchronous client in a worker thread (`_get_in_pieces`).
-            self._reader = redis.Redis.from_url(
-                url,
-                socket_timeout=self._deadline_s(max_entry_bytes),
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                retry=SyncRetry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
-            )
+            self._reader = redis.Redis.from_url(url, **timeouts, retry=SyncRetry(NoBackoff(), **retry))
         except ValueError as exc:
             raise ValueError(f"invalid Redis URL for the trace cache: {exc}") from None
         self._where = describe_redis(self._client)
@@ -576,10 +571,9 @@ class TieredTraceCache:
 
     async def _fill(self, key: str, pieces: list[bytes]) -> bool:
         try:
-            if len(pieces) == 1:
-                return await self.near.put_encoded(key, pieces[0])
-            size = sum(map(len, pieces))
-            data = await asyncio.to_thread(b"".join, pieces) if size >= OFFLOAD_BYTES else b"".join(pieces)
+            # b"".join of one piece returns it as it is: only several large pieces are worth a worker thread
+            offload = len(pieces) > 1 and sum(map(len, pieces)) >= OFFLOAD_BYTES
+            data = await asyncio.to_thread(b"".join, pieces) if offload else b"".join(pieces)
             return await self.near.put_encoded(key, data)
         except Exception:  # a failed copy costs a later far read, never a request
             log.warning("copying cached trace %s into process memory failed", key, exc_info=True)
