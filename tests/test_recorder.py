@@ -145,6 +145,34 @@ def test_generated_tokens_and_recomputation_after_preemption() -> None:
     torch.testing.assert_close(result["tensors"]["blocks.1.hook_resid_post"], expected)
 
 
+def test_overlapping_hook_sets_over_many_steps() -> None:
+    """Requests recording different but overlapping hook points share each hook point's gather; one of them gets
+    its rows into planes that are not consecutive in its buffer; 20 decode steps outgrow the first buffer."""
+    runner = FakeRunner()
+    subset = ["hook_embed", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+    runner.orders |= {
+        "ra": order("A", 5, generated=True),
+        "rb": order("B", 7, generated=True, hooks=subset),
+        "rc": order("C", 3, generated=True, hooks=["blocks.1.hook_resid_post"]),
+    }
+    tokens = {"ra": [3, 4, 5, 6, 7], "rb": [10, 11, 12, 13, 14, 15, 16], "rc": [20, 21, 22]}
+    runner.step([(req, ids, 0) for req, ids in tokens.items()])
+    for step in range(20):
+        scheduled = []
+        for req, ids in tokens.items():
+            ids.append(30 + step)
+            scheduled.append((req, [ids[-1]], len(ids) - 1))
+        runner.step(scheduled)
+    results = runner.recorder.pop(["A", "B", "C"])
+    for key, req, hooks in (("A", "ra", all_hook_names(N_LAYERS)), ("B", "rb", subset), ("C", "rc", subset[1:2])):
+        reference = alone(runner, tokens[req])
+        assert results[key]["error"] is None
+        assert results[key]["positions"] == list(range(len(tokens[req])))
+        assert sorted(results[key]["tensors"]) == sorted(hooks)
+        for hook in hooks:
+            torch.testing.assert_close(results[key]["tensors"][hook], reference[hook])
+
+
 def test_a_failing_hook_fails_only_its_request() -> None:
     runner = FakeRunner(allow_faults=True)
     runner.orders |= {"bad": order("BAD", 2, fault="hook"), "good": order("GOOD", 3)}

@@ -4,10 +4,11 @@ vLLM flattens every scheduled token of every request into one `[num_tokens, d_mo
 forward step we build a plan: for each hook point, the rows of the batch that some request wants to record
 or edit, and how they split between requests. At each hook point the edits run first (in the request's
 order), then the recording: a capture sees the stream as the request's own interventions left it, as with
-TransformerLens hooks. Recording does one `index_select` (which also copies: vLLM's fused norms overwrite
-their inputs in place) and hands each request its slice. Rows are identified by absolute token position, so
-chunked prefill (a prompt spread over several steps) and preemption (a prompt recomputed) both come out
-right.
+TransformerLens hooks. Recording does one `index_select` per hook point (which also copies: vLLM's fused norms
+overwrite their inputs in place). When the forward ends, the hook points that the same requests record are
+stacked and each request copies its rows of all of them into its own buffer at once: one copy per request and
+step, however many layers it records. Rows are identified by absolute token position, so chunked prefill (a
+prompt spread over several steps) and preemption (a prompt recomputed) both come out right.
 
 Where the stream at a hook point is a sum the model has not formed yet (Llama-family layers pass
 `hidden + residual` unsummed), an edit reads the sum and adds its change to one addend.
@@ -57,7 +58,10 @@ class _RequestCapture:
     # each edit with its vector [d_model] float32 and, for adds, scale * vector [1, d_model] (made once, used per step)
     edits: list[tuple[EditOrder, torch.Tensor | None, torch.Tensor | None]]
     positions: list[np.ndarray] = field(default_factory=list)  # one array per step
-    chunks: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    # every recorded row so far, one plane per hook point (in `order.hooks` order): [n_hooks, capacity, d_model]
+    buffer: torch.Tensor | None = None
+    n_rows: int = 0  # rows of `buffer` in use
+    step_start: int = 0  # where this step's rows go
     error: str | None = None
     salt: str = ""  # equal for requests with equal edits (counts distinct steering configurations)
     signals: SignalOrder | None = None  # per-token signals to compute at each sampling step
@@ -79,12 +83,32 @@ class _RequestCapture:
                 self.stopped = True
         return fired
 
-    def append(self, hook: str, rows: torch.Tensor, allow_faults: bool) -> None:
+    def reserve(self, count: int) -> None:
+        """Make room for this step's `count` rows (at most a doubling: rows arrive a step at a time)."""
+        self.step_start = self.n_rows
+        self.n_rows += count
+        if self.buffer is not None and self.buffer.shape[1] < self.n_rows:
+            grown = self.buffer.new_empty(
+                (self.buffer.shape[0], max(self.n_rows, 2 * self.buffer.shape[1]), self.buffer.shape[2])
+            )
+            grown[:, : self.step_start].copy_(self.buffer[:, : self.step_start])
+            self.buffer = grown
+
+    def store(self, block: torch.Tensor, slots: slice | torch.Tensor, allow_faults: bool) -> None:
+        """This step's rows of some hook points: `block` [n_hooks_in_block, n_rows_this_step, d_model] goes to the
+        hook planes `slots` (a range, or an index tensor when the hook points are not consecutive here)."""
         if self.error is not None:
             return
         if allow_faults and self.order.fault == "hook":
             raise RuntimeError("fault injected into hook (test only)")
-        self.chunks[hook].append(rows)
+        if self.buffer is None:
+            capacity = max(self.n_rows, 16)
+            self.buffer = block.new_empty((len(self.order.hooks), capacity, block.shape[2]))
+        rows = slice(self.step_start, self.step_start + block.shape[1])
+        if isinstance(slots, slice):
+            self.buffer[slots, rows].copy_(block)
+        else:
+            self.buffer[:, rows].index_copy_(0, slots, block)
 
     def finish(self) -> dict[str, Any]:
         """Assemble rows in position order; a recomputed position keeps its latest capture."""
@@ -101,8 +125,8 @@ class _RequestCapture:
             positions = reversed_unique
         dtype = torch_dtype(self.order.dtype) if self.order.dtype else None
         tensors = {}
-        for hook in self.order.hooks:
-            data = torch.cat(self.chunks[hook]) if self.chunks[hook] else torch.empty(0)
+        for slot, hook in enumerate(self.order.hooks):
+            data = self.buffer[slot, : self.n_rows] if self.buffer is not None else torch.empty(0)
             if order is not None:
                 data = data.index_select(0, torch.from_numpy(order))
             if dtype is not None:
@@ -112,10 +136,21 @@ class _RequestCapture:
 
 
 @dataclass
+class _CaptureGroup:
+    """The hook points that the same requests record in one step: gathered apart, handed out together."""
+
+    captures: list[_RequestCapture]
+    counts: list[int]  # each request's rows, in batch order
+    slots: list[slice | torch.Tensor]  # each request's hook planes for `hooks`, in its buffer
+    hooks: list[str] = field(default_factory=list)
+    rows: list[torch.Tensor | None] = field(default_factory=list)  # per hook this step: [sum(counts), d_model]
+
+
+@dataclass
 class _HookSelection:
     index: torch.Tensor  # [n_rows] rows of the flat batch
-    captures: list[_RequestCapture]
-    counts: list[int]
+    group: _CaptureGroup
+    slot: int  # this hook's place in `group.hooks`
 
 
 @dataclass
@@ -150,6 +185,7 @@ class HookStats:
 @dataclass
 class _StepPlan:
     captures: dict[str, _HookSelection]
+    groups: list[_CaptureGroup]
     edits: dict[str, _EditGroup]
     stash_layers: set[int]  # layers whose resid_pre must be kept for resid_mid edits (Llama family)
     hooks: frozenset[str]  # every hook point this step records, edits or taps for signals
@@ -270,6 +306,10 @@ class ActivationRecorder:
         return stats
 
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._plan is not None:  # the previous forward raised before its end: its rows are incomplete
+            for group in self._plan.groups:
+                for capture in group.captures:
+                    capture.error = capture.error or "a forward step failed while capturing"
         self._plan = None
         self._signal_step = None  # never let a failed plan leave the previous step's signal entries behind
         start = time.perf_counter()
@@ -325,6 +365,7 @@ class ActivationRecorder:
                 if keep.any():
                     rows = np.nonzero(keep)[0] + lo
                     capture.positions.append(step_positions[keep].astype(np.int64))
+                    capture.reserve(len(rows))
                     for hook in capture.order.hooks:
                         per_hook[hook].append((capture, rows))
             if capture.edits:
@@ -346,19 +387,20 @@ class ActivationRecorder:
             )
         if not per_hook and not edits and not sampling:
             return None
-        shared_index: dict[tuple[int, ...], torch.Tensor] = {}
+        groups: dict[tuple[int, ...], tuple[torch.Tensor, _CaptureGroup]] = {}
         selections = {}
         for hook, entries in per_hook.items():
-            group = tuple(id(capture) for capture, _ in entries)
-            index = shared_index.get(group)
-            if index is None:
+            key = tuple(id(capture) for capture, _ in entries)
+            if key not in groups:
                 index = torch.from_numpy(np.concatenate([rows for _, rows in entries])).to(device)
-                shared_index[group] = index
-            selections[hook] = _HookSelection(
-                index=index,
-                captures=[capture for capture, _ in entries],
-                counts=[len(rows) for _, rows in entries],
-            )
+                captures = [capture for capture, _ in entries]
+                groups[key] = (index, _CaptureGroup(captures, [len(rows) for _, rows in entries], []))
+            index, group = groups[key]
+            selections[hook] = _HookSelection(index=index, group=group, slot=len(group.hooks))
+            group.hooks.append(hook)
+            group.rows.append(None)
+        for _, group in groups.values():
+            group.slots = [_planes(capture.order.hooks, group.hooks, device) for capture in group.captures]
         stash = {int(h.split(".")[1]) for h in edits if h.endswith(".hook_resid_mid")}
         stats = self.stats
         stats.steps += 1
@@ -368,7 +410,14 @@ class ActivationRecorder:
             stats.configs.append(len({capture.salt for capture in editing}))
         hooks = frozenset({*selections, *edits, *taps})
         layers = frozenset(int(hook.split(".")[1]) for hook in hooks if hook.startswith("blocks."))
-        return _StepPlan(captures=selections, edits=edits, stash_layers=stash, hooks=hooks, layers=layers)
+        return _StepPlan(
+            captures=selections,
+            groups=[group for _, group in groups.values()],
+            edits=edits,
+            stash_layers=stash,
+            hooks=hooks,
+            layers=layers,
+        )
 
     @staticmethod
     def _plan_edits(
@@ -402,8 +451,35 @@ class ActivationRecorder:
             del self._by_req[req_id]
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._plan = None
+        plan, self._plan = self._plan, None
         self._stash.clear()
+        if plan is not None and plan.groups:
+            start = time.perf_counter()
+            for group in plan.groups:
+                self._hand_out(group)
+            self.stats.seconds += time.perf_counter() - start
+
+    def _hand_out(self, group: _CaptureGroup) -> None:
+        """Copy each request's rows of the group's hook points into its buffer, all hook points at once."""
+        missing = [hook for hook, rows in zip(group.hooks, group.rows, strict=True) if rows is None]
+        if missing:  # a gather failed (its requests already hold the error) or a hook point did not fire
+            for capture in group.captures:
+                capture.error = capture.error or f"capture at {missing[0]} did not run"
+            return
+        try:
+            block = torch.stack(group.rows)  # [n_hooks, n_rows, d_model]
+        except Exception as exc:  # noqa: BLE001
+            log.exception("assembling this step's captures failed")
+            for capture in group.captures:
+                capture.error = capture.error or f"capture failed: {exc}"
+            return
+        offset = 0
+        for capture, count, slots in zip(group.captures, group.counts, group.slots, strict=True):
+            try:
+                capture.store(block[:, offset : offset + count], slots, self._allow_faults)
+            except Exception as exc:  # noqa: BLE001
+                capture.error = capture.error or f"capture failed: {exc}"
+            offset += count
 
     # ------------------------------------------------------------------ editing and recording
 
@@ -451,17 +527,11 @@ class ActivationRecorder:
         self.fire_counts[hook] += 1
         start = time.perf_counter()
         try:
-            rows = compute(selection.index)  # [n_rows, d_model], a fresh copy
-            parts = rows.split(selection.counts)
+            # [n_rows, d_model], a fresh copy; handed out to the requests when the forward ends
+            selection.group.rows[selection.slot] = compute(selection.index)
         except Exception as exc:  # noqa: BLE001
             log.exception("capture at %s failed", hook)
-            for capture in selection.captures:
-                capture.error = capture.error or f"capture at {hook} failed: {exc}"
-            return
-        for capture, part in zip(selection.captures, parts, strict=True):
-            try:
-                capture.append(hook, part, self._allow_faults)
-            except Exception as exc:  # noqa: BLE001
+            for capture in selection.group.captures:
                 capture.error = capture.error or f"capture at {hook} failed: {exc}"
         self.stats.seconds += time.perf_counter() - start
 
@@ -622,6 +692,15 @@ def _prepared(edits: tuple[EditOrder, ...]) -> list[tuple[EditOrder, torch.Tenso
         scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
         prepared.append((edit, vector, scaled))
     return prepared
+
+
+def _planes(own: tuple[str, ...], hooks: list[str], device: torch.device) -> slice | torch.Tensor:
+    """Where `hooks` go among a request's own hook planes: a range when they are consecutive there (the usual
+    case: the request records exactly these), else an index."""
+    places = [own.index(hook) for hook in hooks]
+    if places == list(range(places[0], places[0] + len(places))):
+        return slice(places[0], places[0] + len(places))
+    return torch.tensor(places, device=device)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
