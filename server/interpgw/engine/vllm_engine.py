@@ -27,6 +27,7 @@ from interpgw.core.wire import torch_dtype
 from interpgw.engine.base import CaptureResult, EngineStep, ModelFacts, SamplingOptions
 from interpgw.engine.signal_channel import SignalHub
 from interpgw.engine.stat_logger import EngineStatsCallback, scheduler_stats_logger
+from interpgw.engine.tensor_handoff import HandoffDirectory
 from interpgw.engine.worker_ext import FAULT_INJECTION_ENV
 from interpgw.models.resolve import resolve_model
 
@@ -60,10 +61,13 @@ def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
 class VllmEngine:
     """One served model."""
 
-    def __init__(self, llm, facts: ModelFacts, signals: SignalHub) -> None:  # noqa: ANN001 - vllm type kept out
+    def __init__(  # noqa: ANN001 - vllm type kept out
+        self, llm, facts: ModelFacts, signals: SignalHub, handoff: HandoffDirectory | None = None
+    ) -> None:
         self._llm = llm
         self.facts = facts
         self.signals = signals  # per-token signals pushed by the worker (see signal_channel.py)
+        self.handoff = handoff or HandoffDirectory()  # captured tensors written by the worker (tensor_handoff.py)
         # Hooks see the whole model only when one rank holds every layer (any tensor-parallel size: the residual
         # stream is complete on every rank there); pipeline stages would each hold part of the layers.
         self.supports_hooks = True
@@ -106,7 +110,8 @@ class VllmEngine:
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=stat_loggers)
         hub = SignalHub()
         await hub.start()
-        await llm.collective_rpc("interpgw_install", args=(hub.path,))
+        handoff = HandoffDirectory()
+        await llm.collective_rpc("interpgw_install", args=(hub.path, handoff.path))
         model_config = llm.model_config
         text_config = model_config.hf_config.get_text_config()
         facts = ModelFacts(
@@ -119,7 +124,7 @@ class VllmEngine:
             max_model_len=int(model_config.max_model_len),
             source=str(model_path),
         )
-        engine = cls(llm, facts, hub)
+        engine = cls(llm, facts, hub, handoff)
         if config.pipeline_parallel_size > 1:
             engine.supports_hooks = False
             log.warning(
@@ -209,9 +214,18 @@ class VllmEngine:
         raw = (await self._llm.collective_rpc("interpgw_pop", args=(keys,)))[0]
         results = {}
         for key, item in raw.items():
-            tensors = {hook: tensor_from_wire(*wire) for hook, wire in (item.get("tensors") or {}).items()}
+            error = item.get("error")
+            tensors: dict[str, torch.Tensor] = {}
+            if item.get("handoff"):
+                try:
+                    tensors = self.handoff.read(item["handoff"])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.exception("reading the captured tensors of %s failed", key)
+                    error = error or f"reading the captured tensors failed: {exc}"
+            else:
+                tensors = {hook: tensor_from_wire(*wire) for hook, wire in (item.get("tensors") or {}).items()}
             positions = list(item.get("positions") or [])
-            results[key] = CaptureResult(positions=positions, tensors=tensors, error=item.get("error"))
+            results[key] = CaptureResult(positions=positions, tensors=tensors, error=error)
         return results
 
     async def discard(self, keys: list[str]) -> None:
@@ -222,8 +236,11 @@ class VllmEngine:
         return (await self._llm.collective_rpc("interpgw_stats"))[0]
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
-        await self.signals.close()
+        try:
+            self._llm.shutdown()
+            await self.signals.close()
+        finally:
+            self.handoff.close()
 
 
 def _engine_step(output: Any, sampling: SamplingOptions) -> EngineStep:

@@ -1,7 +1,8 @@
 """vLLM worker extension: the gateway's methods inside the engine worker, called via `collective_rpc`.
 
 vLLM mixes this class into its Worker (`worker_extension_cls`), so `self.model_runner` is the V1 model
-runner. Only JSON/msgpack-safe values cross back: tensors travel as (dtype, shape, bytes).
+runner. Only JSON/msgpack-safe values cross back: captured tensors travel through a shared-memory file
+(`tensor_handoff.py`), or as (dtype, shape, bytes) where that is not possible.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from interpgw.core.wire import dtype_name
 from interpgw.engine.cpu_seed_fix import install_cpu_seed_fix
 from interpgw.engine.recorder import ActivationRecorder, HookStats, StepLayout
 from interpgw.engine.signal_channel import SignalSender
+from interpgw.engine.tensor_handoff import HandoffWriter
 
 FAULT_INJECTION_ENV = "INTERPGW_ENABLE_FAULT_INJECTION"
 
@@ -33,8 +35,9 @@ def _drop(records: list[dict]) -> None:
 class InterpWorkerExtension:
     """Methods prefixed `interpgw_` to stay clear of vLLM's own worker attributes."""
 
-    def interpgw_install(self, signal_path: str | None = None) -> dict[str, Any]:
-        """Install the hooks; `signal_path` is the gateway's socket for per-token signals (None: no signals)."""
+    def interpgw_install(self, signal_path: str | None = None, handoff_dir: str | None = None) -> dict[str, Any]:
+        """Install the hooks; `signal_path` is the gateway's socket for per-token signals (None: no signals),
+        `handoff_dir` its shared-memory directory for captured tensors (None: they travel as bytes)."""
         import torch
 
         runner = self.model_runner  # type: ignore[attr-defined]
@@ -84,6 +87,9 @@ class InterpWorkerExtension:
             send_signals=None if sender is None else sender.send if rank == 0 else _drop,
         )
         self._interpgw_recorder = recorder
+        # Only rank 0's results are read: the other ranks write no files (nobody would unlink them).
+        self._interpgw_handoff = HandoffWriter(handoff_dir if rank == 0 else None)
+        self._interpgw_rank = rank
         return {"n_layers": recorder.modules.n_layers, "fused_residual": recorder.modules.fused_residual, "hooks": True}
 
     def interpgw_pop(self, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -92,7 +98,14 @@ class InterpWorkerExtension:
         results = self._interpgw_recorder.pop(keys)
         for result in results.values():
             tensors = result.pop("tensors", None) or {}
-            result["tensors"] = {hook: tensor_to_wire(t) for hook, t in tensors.items()}
+            if self._interpgw_rank != 0:  # the gateway reads rank 0's results only
+                result["tensors"] = {}
+                continue
+            handle = self._interpgw_handoff.write(tensors)
+            if handle is not None:
+                result["handoff"] = handle
+            else:
+                result["tensors"] = {hook: tensor_to_wire(t) for hook, t in tensors.items()}
         return results
 
     def interpgw_discard(self, keys: list[str]) -> None:
