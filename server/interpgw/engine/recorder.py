@@ -62,6 +62,7 @@ class _RequestCapture:
     buffer: torch.Tensor | None = None
     n_rows: int = 0  # rows of `buffer` in use
     step_start: int = 0  # where this step's rows go
+    planes: dict[tuple[str, ...], slice | torch.Tensor] = field(default_factory=dict)  # see `planes_of`
     error: str | None = None
     salt: str = ""  # equal for requests with equal edits (counts distinct steering configurations)
     signals: SignalOrder | None = None  # per-token signals to compute at each sampling step
@@ -82,6 +83,21 @@ class _RequestCapture:
             elif rule.action is Action.STOP:
                 self.stopped = True
         return fired
+
+    def planes_of(self, hooks: tuple[str, ...], device: torch.device) -> slice | torch.Tensor:
+        """Where `hooks` go among this request's hook planes: a range when they are consecutive there (the usual
+        case: the request records exactly these), else an index. The same hooks come back every step: cached."""
+        found = self.planes.get(hooks)
+        if found is None:
+            places = [self.order.hooks.index(hook) for hook in hooks]
+            if places == list(range(places[0], places[0] + len(places))):
+                found = slice(places[0], places[0] + len(places))
+            else:
+                found = torch.tensor(places, device=device)
+            if len(self.planes) >= 64:  # other requests' hook sets come and go: keep the cache small
+                self.planes.clear()
+            self.planes[hooks] = found
+        return found
 
     def reserve(self, count: int) -> None:
         """Make room for this step's `count` rows (at most a doubling: rows arrive a step at a time)."""
@@ -400,7 +416,8 @@ class ActivationRecorder:
             group.hooks.append(hook)
             group.rows.append(None)
         for _, group in groups.values():
-            group.slots = [_planes(capture.order.hooks, group.hooks, device) for capture in group.captures]
+            hooks_key = tuple(group.hooks)
+            group.slots = [capture.planes_of(hooks_key, device) for capture in group.captures]
         stash = {int(h.split(".")[1]) for h in edits if h.endswith(".hook_resid_mid")}
         stats = self.stats
         stats.steps += 1
@@ -692,15 +709,6 @@ def _prepared(edits: tuple[EditOrder, ...]) -> list[tuple[EditOrder, torch.Tenso
         scaled = (edit.scale * vector).unsqueeze(0) if edit.op is EditOp.ADD else None
         prepared.append((edit, vector, scaled))
     return prepared
-
-
-def _planes(own: tuple[str, ...], hooks: list[str], device: torch.device) -> slice | torch.Tensor:
-    """Where `hooks` go among a request's own hook planes: a range when they are consecutive there (the usual
-    case: the request records exactly these), else an index."""
-    places = [own.index(hook) for hook in hooks]
-    if places == list(range(places[0], places[0] + len(places))):
-        return slice(places[0], places[0] + len(places))
-    return torch.tensor(places, device=device)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
