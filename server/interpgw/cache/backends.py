@@ -210,6 +210,11 @@ class MemoryTraceCache:
         """Serialized bytes currently held (what `max_bytes` bounds)."""
         return self._bytes
 
+    @property
+    def entry_limit(self) -> int:
+        """The largest entry stored: `max_entry_bytes`, or the whole budget if that is smaller."""
+        return min(self.max_entry_bytes, self.max_bytes)
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -253,15 +258,14 @@ class MemoryTraceCache:
         return entry, [data]
 
     async def put(self, key: str, entry: CachedTrace) -> bool:
-        if entry.nbytes > min(self.max_entry_bytes, self.max_bytes):  # tensor bytes alone exceed it: not serialized
+        if entry.nbytes > self.entry_limit:  # tensor bytes alone exceed it: not serialized
             self.stats.record("skip", entry.nbytes)
             return False
         return await self.put_encoded(key, await _encode(entry))
 
     async def put_encoded(self, key: str, data: bytes) -> bool:
         """`put` of an entry already serialized (`CachedTrace.to_bytes`)."""
-        limit = min(self.max_entry_bytes, self.max_bytes)
-        if len(data) > limit:
+        if len(data) > self.entry_limit:
             self.stats.record("skip", len(data))
             return False
         if key in self._entries:
@@ -583,7 +587,7 @@ class TieredTraceCache:
 
     @property
     def max_entry_bytes(self) -> int:
-        return max(min(self.near.max_entry_bytes, self.near.max_bytes), self.far.max_entry_bytes)
+        return max(self.near.entry_limit, self.far.max_entry_bytes)
 
     async def put(self, key: str, entry: CachedTrace) -> bool:
         if entry.nbytes > self.max_entry_bytes:  # too large for either tier: skip without serializing

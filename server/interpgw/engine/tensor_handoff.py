@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from typing import Any
 
 import torch
@@ -139,16 +139,12 @@ class HandoffDirectory:
         tensors = {}
         for hook, (dtype, shape, offset) in handle["tensors"].items():
             torch_type = torch_dtype(dtype)
-            count = 1
-            for dim in shape:
-                count *= int(dim)
+            count = math.prod(int(dim) for dim in shape)
             if count == 0:
                 tensors[hook] = torch.empty(shape, dtype=torch_type)
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.frombuffer(mapped, dtype=torch_type, count=count, offset=int(offset))
-            tensors[hook] = flat.reshape(shape)
+            # a copy-on-write mapping is writable: torch takes it without a "not writable" warning
+            tensors[hook] = torch.frombuffer(mapped, dtype=torch_type, count=count, offset=int(offset)).reshape(shape)
         return tensors
 
     def close(self) -> None:

@@ -61,13 +61,11 @@ def tensor_from_wire(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
 class VllmEngine:
     """One served model."""
 
-    def __init__(  # noqa: ANN001 - vllm type kept out
-        self, llm, facts: ModelFacts, signals: SignalHub, handoff: HandoffDirectory | None = None
-    ) -> None:
+    def __init__(self, llm, facts: ModelFacts, signals: SignalHub, handoff: HandoffDirectory) -> None:  # noqa: ANN001
         self._llm = llm
         self.facts = facts
         self.signals = signals  # per-token signals pushed by the worker (see signal_channel.py)
-        self.handoff = handoff or HandoffDirectory()  # captured tensors written by the worker (tensor_handoff.py)
+        self.handoff = handoff  # captured tensors written by the worker (tensor_handoff.py)
         # Hooks see the whole model only when one rank holds every layer (any tensor-parallel size: the residual
         # stream is complete on every rank there); pipeline stages would each hold part of the layers.
         self.supports_hooks = True
