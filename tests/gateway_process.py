@@ -22,6 +22,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PORT_TAKEN = "Failed to bind to address"  # what the gateway logs when its gRPC port is taken
+PORT_ATTEMPTS = 3
+
+
 class GatewayProcess:
     """A gateway subprocess; `address` is host:port. Logs go to a temp file, shown if start-up fails."""
 
@@ -33,13 +37,30 @@ class GatewayProcess:
         credentials: Any = None,  # grpc.ChannelCredentials of a TLS gateway, for the readiness check
     ) -> None:
         self.credentials = credentials
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.metrics_url: str | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="interpgw-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         if "--metrics-port" not in args:
             args = (*args, "--metrics-port", "0")  # a free port: several gateways run at once in the tests
+        for attempt in range(PORT_ATTEMPTS):
+            self._launch(args, env)
+            try:
+                self._wait_ready(startup_timeout)
+                return
+            except RuntimeError:
+                # The free port was released for the gateway to bind after its engine started; vLLM's engine may
+                # have taken it meanwhile for one of its own sockets. A new port, then.
+                lost_port = PORT_TAKEN in self.log_path.read_text(errors="replace")
+                self.stop()
+                if not lost_port or attempt == PORT_ATTEMPTS - 1:
+                    raise
+            except BaseException:  # timed out or interrupted (Ctrl-C, SIGTERM in a benchmark): leave nothing behind
+                self.stop()
+                raise
+
+    def _launch(self, args: tuple[str, ...], env: dict[str, str] | None) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkstemp(prefix="interpgw-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "interpgw.serve", "--port", str(self.port), *args]
         self.process = subprocess.Popen(
             command,
@@ -48,13 +69,6 @@ class GatewayProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-        try:
-            self._wait_ready(startup_timeout)
-        except (
-            BaseException
-        ):  # timed out, failed, or interrupted (Ctrl-C, SIGTERM in a benchmark): leave nothing behind
-            self.stop()
-            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
