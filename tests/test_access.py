@@ -268,6 +268,15 @@ def test_max_tokens_and_capture_budget_of_a_key(access_gateway) -> None:
             frugal.trace(PROMPT * 10, hooks, cache="bypass")
 
 
+def wait_for_admission_queue(gateway: GatewayProcess, waiting: int, timeout_s: float = 30.0) -> None:
+    """Until the gateway reports `waiting` calls queued for admission (a fixed sleep raced a loaded CI machine)."""
+    sample = ("interpgw_admission_requests", (("state", "waiting"),))
+    deadline = time.monotonic() + timeout_s
+    while gateway.scrape().get(sample) != waiting:
+        assert time.monotonic() < deadline, f"no {waiting} call(s) waiting for admission after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway) -> None:
     """2 running + 1 waiting fit (--max-active-requests 2 --max-queued-requests 1); the 4th call is refused."""
     with client_for(access_gateway, "b_admin") as b:
@@ -276,7 +285,7 @@ def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway
         for stream in streams:
             next(iter(stream))
         queued = b.generate_stream(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
-        time.sleep(0.3)  # the third call reaches the gateway and waits for admission
+        wait_for_admission_queue(access_gateway, waiting=1)  # the third call reached the gateway and waits
         with pytest.raises(ResourceExhaustedError, match="busy") as refused:
             b.generate(PROMPT, max_tokens=2, temperature=0)
         assert refused.value.retry_after is not None

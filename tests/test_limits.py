@@ -430,3 +430,34 @@ def test_gate_releases_the_slot_on_every_exit_path() -> None:
         assert gate.active == 0
 
     asyncio.run(main())
+
+
+def test_gate_reports_every_change_including_a_call_that_starts_to_wait() -> None:
+    """A gauge fed by on_change must show a call sitting in the queue, not only when it enters or leaves."""
+
+    async def main() -> None:
+        seen: list[tuple[int, int]] = []
+        gate = AdmissionGate(max_active=1, max_waiting=2)
+        gate.on_change = lambda: seen.append((gate.active, gate.waiting))
+        release = asyncio.Event()
+
+        async def request() -> None:
+            async with gate.slot():
+                await release.wait()
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        assert seen == [(1, 0), (1, 1)]  # the second call is reported while it waits
+        cancelled = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert seen[-2:] == [(1, 2), (1, 1)]
+        release.set()
+        await asyncio.gather(running, waiting)
+        assert seen[-2:] == [(1, 0), (0, 0)]  # handed to the waiter, then freed
+
+    asyncio.run(main())

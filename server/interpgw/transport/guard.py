@@ -91,6 +91,8 @@ class CallGuard:
         self.admission = admission or AdmissionGate(limits.max_active_requests, limits.max_queued_requests)
         self.quotas = quotas or QuotaBook()
         self.metrics = metrics
+        if metrics is not None:
+            self.admission.on_change = self._report_admission  # the gauges follow every enter, wait and leave
 
     @contextlib.asynccontextmanager
     async def enter(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Caller]:
@@ -120,19 +122,15 @@ class CallGuard:
         try:
             async with self.admission.slot():
                 entered = True
-                self._report_admission()
                 yield
         except ResourceExhausted:
             if not entered:  # refused by the queue; the same error from the call's body is not an admission refusal
                 self._rejected("admission")
             raise
-        finally:
-            self._report_admission()
 
     def _rejected(self, limit: str) -> None:
         if self.metrics is not None:
             self.metrics.rejected(limit)
 
     def _report_admission(self) -> None:
-        if self.metrics is not None:
-            self.metrics.admission(self.admission.active, self.admission.waiting)
+        self.metrics.admission(self.admission.active, self.admission.waiting)
