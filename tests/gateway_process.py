@@ -22,12 +22,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-PORT_TAKEN = "Failed to bind to address"  # what the gateway logs when its gRPC port is taken
-PORT_ATTEMPTS = 3
+SERVING_LINE = re.compile(r"^interpgw: serving .+ on \S+:(\d+)$", re.MULTILINE)  # printed once it listens
 
 
 class GatewayProcess:
-    """A gateway subprocess; `address` is host:port. Logs go to a temp file, shown if start-up fails."""
+    """A gateway subprocess; `address` is host:port. Logs go to a temp file, shown if start-up fails.
+
+    The gateway is started with `--port 0`: it picks a free port when it starts and holds it while its engine
+    loads, so no other process (vLLM's own sockets included) can take it; the port is read from its log."""
 
     def __init__(
         self,
@@ -38,30 +40,13 @@ class GatewayProcess:
     ) -> None:
         self.credentials = credentials
         self.metrics_url: str | None = None
+        self.port: int | None = None
+        self.address: str | None = None
         if "--metrics-port" not in args:
             args = (*args, "--metrics-port", "0")  # a free port: several gateways run at once in the tests
-        for attempt in range(PORT_ATTEMPTS):
-            self._launch(args, env)
-            try:
-                self._wait_ready(startup_timeout)
-                return
-            except RuntimeError:
-                # The free port was released for the gateway to bind after its engine started; vLLM's engine may
-                # have taken it meanwhile for one of its own sockets. A new port, then.
-                lost_port = PORT_TAKEN in self.log_path.read_text(errors="replace")
-                self.stop()
-                if not lost_port or attempt == PORT_ATTEMPTS - 1:
-                    raise
-            except BaseException:  # timed out or interrupted (Ctrl-C, SIGTERM in a benchmark): leave nothing behind
-                self.stop()
-                raise
-
-    def _launch(self, args: tuple[str, ...], env: dict[str, str] | None) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="interpgw-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "interpgw.serve", "--port", str(self.port), *args]
+        command = [sys.executable, "-m", "interpgw.serve", "--port", "0", *args]
         self.process = subprocess.Popen(
             command,
             stdout=self._log,
@@ -69,20 +54,34 @@ class GatewayProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:  # failed, timed out or interrupted (Ctrl-C, SIGTERM in a benchmark): leave nothing
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        while (match := SERVING_LINE.search(self.log_path.read_text(errors="replace"))) is None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not listening after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.5)
+        self.port = int(match.group(1))
+        self.address = f"127.0.0.1:{self.port}"
         with Client(self.address, credentials=self.credentials) as client:
-            while time.monotonic() < deadline:
+            while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
                 try:
                     client.wait_ready(timeout=2.0)
-                    self.metrics_url = self._metrics_url()
-                    return
+                    break
                 except Exception:  # noqa: BLE001 - not up yet
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}") from None
                     time.sleep(1.0)
-        raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}")
+        self.metrics_url = self._metrics_url()
 
     def _metrics_url(self) -> str | None:
         """From the line `interpgw: metrics on http://HOST:PORT/metrics` the server prints once it is up."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -285,3 +287,57 @@ def test_mutual_tls_with_an_api_key_file(tiny_llama_dir: Path, tmp_path: Path) -
                 plaintext.models()
     finally:
         gateway.stop()
+
+
+# ---------------------------------------------------------------------- start-up refusals
+
+UNKNOWN_HUB_MODEL = "nosuchorg/nosuchmodel"  # passes the quick checks; only loading it fails (after those checks)
+
+
+def serve_until_exit(*args: str) -> subprocess.CompletedProcess:
+    """`interpgw serve` that is expected to refuse to start. HF_HUB_OFFLINE: a hub lookup fails at once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "interpgw.serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def taken_port():  # noqa: ANN201
+    """A port another server listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def test_a_taken_grpc_port_ends_the_start_before_any_model_loads(taken_port: int) -> None:
+    done = serve_until_exit("--model", UNKNOWN_HUB_MODEL, "--port", str(taken_port), "--metrics-port", "-1")
+    assert done.returncode != 0
+    # The model's load would have failed too: its error is absent because the port was checked first.
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"interpgw serve: cannot serve gRPC: 127.0.0.1:{taken_port} is already in use (choose another --port)"
+    )
+    assert "cannot load" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_taken_metrics_port_ends_the_start_before_any_model_loads(taken_port: int) -> None:
+    done = serve_until_exit("--model", UNKNOWN_HUB_MODEL, "--port", "0", "--metrics-port", str(taken_port))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"interpgw serve: cannot serve /metrics: 127.0.0.1:{taken_port} is already in use "
+        "(choose another --metrics-port, or -1)"
+    )
+    assert "cannot load" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_without_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    done = serve_until_exit("--model", str(missing), "--port", "0", "--metrics-port", "-1")
+    assert done.returncode != 0
+    assert f"--model {missing}: no such folder" in done.stderr and "Traceback" not in done.stderr
+    done = serve_until_exit("--model", str(tmp_path), "--port", "0", "--metrics-port", "-1")
+    assert f"--model {tmp_path} is a folder without config.json" in done.stderr
+    done = serve_until_exit("--model", UNKNOWN_HUB_MODEL, "--port", "0", "--metrics-port", "-1")
+    assert done.returncode != 0
+    assert f"cannot load --model '{UNKNOWN_HUB_MODEL}' from the hub or its cache" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -7,9 +7,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from interpgw.config import AuthConfig, CacheConfig, EngineConfig, LimitsConfig, ServerConfig, TlsConfig
+from interpgw.transport.port_reservation import PortReservation
 from interpgw_client.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 
 log = logging.getLogger("interpgw")
@@ -192,24 +194,65 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
+    from interpgw.core.errors import InvalidArgument
+    from interpgw.models.resolve import model_argument_error
+    from interpgw.transport.server import server_credentials
+
+    for engine_config in config.engine_configs():  # configuration mistakes end the start now, before engines load
+        if (error := model_argument_error(engine_config.model)) is not None:
+            raise SystemExit(f"interpgw serve: --model {error}")
+    keys = _key_store(config)
+    try:
+        credentials = server_credentials(config.tls)
+    except (InvalidArgument, OSError) as exc:
+        raise SystemExit(f"interpgw serve: TLS: {exc}") from None
+    grpc_port, metrics_port = _reserve_ports(config)  # a taken port, too, ends the start before the engine loads
+    try:
+        await _run_reserved(config, shutdown_grace, keys, credentials, grpc_port, metrics_port)
+    finally:
+        grpc_port.release()
+        if metrics_port is not None:
+            metrics_port.release()
+
+
+def _reserve_ports(config: ServerConfig) -> tuple[PortReservation, PortReservation | None]:
+    """The gRPC port, and the metrics port when it is fixed, held until their servers bind them. A metrics port
+    of 0 needs no reservation: its server picks a free port as it binds."""
+    try:
+        grpc_port = PortReservation(config.host, config.port)
+    except OSError as exc:
+        raise SystemExit(f"interpgw serve: cannot serve gRPC: {exc.strerror or exc} (choose another --port)") from None
+    if config.metrics_port <= 0:
+        return grpc_port, None
+    try:
+        return grpc_port, PortReservation(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        grpc_port.release()
+        raise SystemExit(
+            f"interpgw serve: cannot serve /metrics: {exc.strerror or exc} (choose another --metrics-port, or -1)"
+        ) from None
+
+
+async def _run_reserved(
+    config: ServerConfig,
+    shutdown_grace: float,
+    keys: Any,
+    credentials: Any,
+    grpc_port: PortReservation,
+    metrics_port: PortReservation | None,
+) -> None:
     from transformers import AutoTokenizer
 
     from interpgw.auth.authenticator import Authenticator
     from interpgw.auth.management import KeyManagement
-    from interpgw.core.errors import InvalidArgument
     from interpgw.core.prompts import PromptEncoder
     from interpgw.metrics import GatewayMetrics
     from interpgw.models.fingerprint import weights_fingerprint
     from interpgw.registry.store import open_vector_store
     from interpgw.service import GatewayService, ServedModel
     from interpgw.transport.guard import CallGuard
-    from interpgw.transport.server import GatewayServer, server_credentials
+    from interpgw.transport.server import GatewayServer
 
-    keys = _key_store(config)  # configuration mistakes end the start now, before the engine loads
-    try:
-        credentials = server_credentials(config.tls)
-    except (InvalidArgument, OSError) as exc:
-        raise SystemExit(f"interpgw serve: TLS: {exc}") from None
     vectors = open_vector_store(config.redis_url, config.redis_prefix)
     await vectors.ping()  # a wrong --redis-url fails now, not on the first steering request
     if keys is not None:
@@ -231,71 +274,80 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         _kill_descendants()  # the start-up thread may have launched more meanwhile
         return
     stopping.cancel()
-    engines = starting.result()
-    served = []
-    for engine in engines:
-        facts = engine.facts
-        tokenizer = AutoTokenizer.from_pretrained(facts.source)
-        served.append(
-            ServedModel(
-                engine=engine,
-                encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
-                max_logprobs=config.engine.max_logprobs,
-                revision=await asyncio.to_thread(weights_fingerprint, facts.source),
-            )
-        )
-    service = GatewayService(
-        served,
-        config.limits,
-        allow_faults=config.enable_fault_injection,
-        vectors=vectors,
-        traces=traces,
-        metrics=metrics,
-    )
-    authenticator = Authenticator(keys, config.auth.key_cache_ttl_s) if keys is not None else None
-    guard = CallGuard(config.limits, authenticator, quotas=service.quotas, metrics=metrics)
-    server = GatewayServer(
-        service,
-        config.host,
-        config.port,
-        config.limits.max_message_bytes,
-        metrics=metrics,
-        guard=guard,
-        keys=KeyManagement(keys),
-        credentials=credentials,
-    )
-    await server.start()
-    for engine in engines:
-        facts = engine.facts
-        log.info(
-            "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d",
-            facts.id,
-            facts.architecture,
-            facts.n_layers,
-            facts.d_model,
-            facts.dtype,
-            config.host,
-            server.port,
-        )
-    log.info("interpgw: vectors in %s; traces in %s", vectors.describe(), traces.describe())
-    model_ids = ", ".join(e.facts.id for e in engines)
-    print(f"interpgw: serving {model_ids} on {config.host}:{server.port}", flush=True)
-    log.info(
-        "interpgw: authentication %s; %s",
-        f"on, keys in {keys.describe()}" if keys is not None else "off (every caller is the local user)",
-        "TLS" + (" with client certificates" if config.tls.client_ca else "") if credentials else "plain TCP",
-    )
-    if credentials is None and not _is_loopback(config.host):
-        log.warning("interpgw: listening on %s without TLS: API keys and data cross the network in clear", config.host)
-
-    pollers = []
-    engine_died = asyncio.Event()
-    watchdog = asyncio.ensure_future(_watch_engines(engines, engine_died))
     try:
-        if metrics is not None:  # after the gRPC server: a taken metrics port still ends the engines (finally)
-            metrics_port = metrics.start_http_server(config.metrics_host, config.metrics_port)
+        engines = starting.result()
+    except StartupError as exc:  # SystemExit raised inside the task would come with a traceback
+        raise SystemExit(str(exc)) from None
+    pollers: list[asyncio.Future] = []
+    watchdog: asyncio.Future | None = None
+    try:  # from here on every exit ends the engines: a server that cannot bind included
+        served = []
+        for engine in engines:
+            facts = engine.facts
+            tokenizer = AutoTokenizer.from_pretrained(facts.source)
+            served.append(
+                ServedModel(
+                    engine=engine,
+                    encoder=PromptEncoder(tokenizer, facts.vocab_size, facts.max_model_len),
+                    max_logprobs=config.engine.max_logprobs,
+                    revision=await asyncio.to_thread(weights_fingerprint, facts.source),
+                )
+            )
+        service = GatewayService(
+            served,
+            config.limits,
+            allow_faults=config.enable_fault_injection,
+            vectors=vectors,
+            traces=traces,
+            metrics=metrics,
+        )
+        authenticator = Authenticator(keys, config.auth.key_cache_ttl_s) if keys is not None else None
+        guard = CallGuard(config.limits, authenticator, quotas=service.quotas, metrics=metrics)
+        grpc_port.release()  # right before gRPC binds the same port (the one it picked, for --port 0)
+        server = GatewayServer(
+            service,
+            config.host,
+            grpc_port.port,
+            config.limits.max_message_bytes,
+            metrics=metrics,
+            guard=guard,
+            keys=KeyManagement(keys),
+            credentials=credentials,
+        )
+        await server.start()
+        for engine in engines:
+            facts = engine.facts
+            log.info(
+                "interpgw: serving %s (%s, %d layers, d_model %d, %s) on %s:%d",
+                facts.id,
+                facts.architecture,
+                facts.n_layers,
+                facts.d_model,
+                facts.dtype,
+                config.host,
+                server.port,
+            )
+        log.info("interpgw: vectors in %s; traces in %s", vectors.describe(), traces.describe())
+        model_ids = ", ".join(e.facts.id for e in engines)
+        print(f"interpgw: serving {model_ids} on {config.host}:{server.port}", flush=True)
+        log.info(
+            "interpgw: authentication %s; %s",
+            f"on, keys in {keys.describe()}" if keys is not None else "off (every caller is the local user)",
+            "TLS" + (" with client certificates" if config.tls.client_ca else "") if credentials else "plain TCP",
+        )
+        if credentials is None and not _is_loopback(config.host):
+            log.warning(
+                "interpgw: listening on %s without TLS: API keys and data cross the network in clear", config.host
+            )
+
+        engine_died = asyncio.Event()
+        watchdog = asyncio.ensure_future(_watch_engines(engines, engine_died))
+        if metrics is not None:
+            if metrics_port is not None:
+                metrics_port.release()  # right before the HTTP server binds it
+            bound = metrics.start_http_server(config.metrics_host, config.metrics_port)
             host = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
-            print(f"interpgw: metrics on http://{host}:{metrics_port}/metrics", flush=True)
+            print(f"interpgw: metrics on http://{host}:{bound}/metrics", flush=True)
             for engine in engines:
                 metrics.engine_up(engine.facts.id, True)
                 pollers.append(asyncio.ensure_future(_poll_hook_stats(engine, metrics, engine.facts.id)))
@@ -322,7 +374,8 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
         log.info("interpgw: shutting down (grace %.0fs)", shutdown_grace)
         await server.stop(shutdown_grace)
     finally:
-        watchdog.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
         for poller in pollers:
             poller.cancel()
         if metrics is not None:
@@ -331,6 +384,10 @@ async def run(config: ServerConfig, shutdown_grace: float = 10.0) -> None:
             await engine.shutdown()
         await vectors.close()
         await traces.close()
+
+
+class StartupError(Exception):
+    """A start-up failure the user fixes with a flag: its message is all they need, not a traceback."""
 
 
 ENGINE_DIED_EXIT = 3  # exit status when the engine process died: distinct from a crash (1) and a bad flag (2)
@@ -350,16 +407,24 @@ async def _start_engines(config: ServerConfig, metrics: Any) -> list[Any]:
                 def on_stats(running: int, waiting: int, kv_usage: float, label: dict = label) -> None:
                     metrics.engine_stats(label["id"], running, waiting, kv_usage)
 
-            engine = await VllmEngine.start(
-                engine_config,
-                allow_faults=config.enable_fault_injection,
-                probe=config.startup_probe,
-                on_stats=on_stats,
-            )
+            try:
+                engine = await VllmEngine.start(
+                    engine_config,
+                    allow_faults=config.enable_fault_injection,
+                    probe=config.startup_probe,
+                    on_stats=on_stats,
+                )
+            except OSError as exc:
+                if Path(engine_config.model).expanduser().exists():
+                    raise  # a local model that failed to load: the traceback says where
+                raise StartupError(  # a hub id neither reachable nor in the Hugging Face cache: no traceback needed
+                    f"interpgw serve: cannot load --model {engine_config.model!r} from the hub or its cache: {exc}"
+                ) from None
             label["id"] = engine.facts.id
             engines.append(engine)
             if len({e.facts.id for e in engines}) < len(engines):
-                raise SystemExit(f"interpgw serve: two models are served as {engine.facts.id!r}: set --served-model-id")
+                served_as = engine.facts.id
+                raise StartupError(f"interpgw serve: two models are served as {served_as!r}: set --served-model-id")
     except BaseException:
         for engine in engines:
             await engine.shutdown()

@@ -7,6 +7,23 @@ from pathlib import Path
 from interpgw.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
 
+def model_argument_error(model: str) -> str | None:
+    """Why `--model` cannot name a model, found without loading anything (a typo in a path would otherwise
+    surface minutes later as a hub lookup's traceback); None when it may."""
+    if model in ("default", DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}"):
+        return None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{model} is a folder without config.json (a Hugging Face model folder has one)"
+        return None
+    if path.exists():
+        return None  # a file (a .gguf, say): vLLM decides
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        return f"{model}: no such folder (and not a hub id, which is NAME or ORG/NAME)"
+    return None
+
+
 def resolve_model(model: str) -> tuple[str | Path, str]:
     """Return (what to load, default served id)."""
     if model in ("default", DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}"):
