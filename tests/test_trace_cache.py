@@ -193,13 +193,19 @@ def test_metrics_count_what_happened(tiny_gateway, tiny_client) -> None:  # noqa
         tiny_client.trace(prompt, ["blocks.99.hook_resid_post"])
     vector = tiny_client.steering.create(np.ones(128, dtype=np.float32), ["blocks.1.hook_resid_post"])
     tiny_client.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True, steer=vector.id)
-    time.sleep(6)  # the gateway pulls the worker's hook statistics every 5 s
-    after = tiny_gateway.scrape()
-    tiny_client.steering.delete(vector.id)
 
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # the gateway pulls the worker's hook statistics every 5 s (and once after the engine goes idle): wait for them
+    deadline = time.monotonic() + 60
+    while True:
+        after = tiny_gateway.scrape()
+        if delta("interpgw_batch_interventions_sum", model=model) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    tiny_client.steering.delete(vector.id)
 
     assert delta("interpgw_rpc_requests_total", method="Trace", code="OK") == 2
     assert delta("interpgw_rpc_requests_total", method="Trace", code="INVALID_ARGUMENT") == 1
