@@ -6,6 +6,7 @@ its captures take the shared-memory path, leave no file behind, and fall back to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -104,6 +105,46 @@ def test_directories_of_dead_gateways_are_removed(tmp_path: Path) -> None:
         assert Path(directory.path).name.startswith(f"{DIR_PREFIX}{os.getpid()}-")
     finally:
         directory.close()
+
+
+class SlowWorker:
+    """vLLM's `collective_rpc` as `VllmEngine.collect` sees it: the worker pops the capture, writes its handoff
+    file, and the reply arrives later (the engine core's step loop)."""
+
+    def __init__(self, directory: str) -> None:
+        self.writer = HandoffWriter(directory)
+        self.written = asyncio.Event()
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        assert method == "interpgw_pop"
+        (keys,) = args
+        replies = {key: {"positions": [0, 1], "handoff": self.writer.write({"a": torch.ones(2, 4)})} for key in keys}
+        self.written.set()
+        await asyncio.sleep(0.2)
+        return [replies]
+
+
+def test_a_collect_cancelled_after_the_worker_wrote_still_unlinks_the_file(handoff: HandoffDirectory) -> None:
+    from interpgw.engine.vllm_engine import VllmEngine
+
+    async def main() -> None:
+        worker = SlowWorker(handoff.path)
+        engine = VllmEngine(worker, facts=None, signals=None, handoff=handoff)  # type: ignore[arg-type]
+        collecting = asyncio.ensure_future(engine.collect(["r1"]))
+        await worker.written.wait()
+        assert len(os.listdir(handoff.path)) == 1
+        collecting.cancel()  # the client went away between the worker's write and the reply
+        with pytest.raises(asyncio.CancelledError):
+            await collecting
+        for _ in range(100):  # the shielded collection goes on and reads (unlinks) the file
+            if not os.listdir(handoff.path):
+                break
+            await asyncio.sleep(0.05)
+        assert os.listdir(handoff.path) == []
+        result = await engine.collect(["r2"])  # and the engine still collects normally
+        assert torch.equal(result["r2"].tensors["a"], torch.ones(2, 4)) and result["r2"].positions == [0, 1]
+
+    asyncio.run(main())
 
 
 def test_a_gateway_hands_captures_over_in_shared_memory_and_falls_back_without_it(

@@ -206,6 +206,19 @@ class VllmEngine:
         return bool(self._llm.errored)
 
     async def collect(self, keys: list[str]) -> dict[str, CaptureResult]:
+        """The finished captures of `keys`, popped from the worker.
+
+        Shielded: once the worker has popped a capture, its tensors exist only in the reply (or a handoff file).
+        A caller cancelled meanwhile (a client that went away) would otherwise leave that file in /dev/shm until
+        the gateway stops; the collection finishes instead, which reads and unlinks the file, and is dropped."""
+        collecting = asyncio.ensure_future(self._collect(keys))
+        try:
+            return await asyncio.shield(collecting)
+        except asyncio.CancelledError:
+            collecting.add_done_callback(_drop_collection)
+            raise
+
+    async def _collect(self, keys: list[str]) -> dict[str, CaptureResult]:
         # One RPC per finishing request. Batching the keys of requests that finish together into one RPC was
         # measured slower (bench/trace_throughput.py, all-layer capture): per-request RPCs let the gateway
         # start streaming one request's tensors while the next ones are still being collected.
@@ -239,6 +252,12 @@ class VllmEngine:
             await self.signals.close()
         finally:
             self.handoff.close()
+
+
+def _drop_collection(collecting: asyncio.Future) -> None:
+    """A collection nobody waits for any more: its files are unlinked; an error is only logged."""
+    if not collecting.cancelled() and collecting.exception() is not None:
+        log.warning("collecting the captures of a cancelled request failed: %s", collecting.exception())
 
 
 def _engine_step(output: Any, sampling: SamplingOptions) -> EngineStep:
