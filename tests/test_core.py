@@ -195,3 +195,23 @@ def test_rpc_errors_map_to_typed_exceptions() -> None:
 
     error = client_errors.from_rpc_error(FakeRpcError())
     assert isinstance(error, client_errors.ResourceExhaustedError) and error.details == "too big"
+
+
+class CancelledRpcError(grpc.RpcError):
+    def __init__(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_call_cancelled_by_a_shutting_down_server_is_unavailable_and_the_clients_own_cancel_is_not() -> None:
+    """grpc/grpc#41785: a call that reached a server as it shut down gets CANCELLED with details "CANCELLED"
+    (seen in tests/test_lifecycle.py's drain test); it never ran, so it is UNAVAILABLE to the SDK's callers."""
+    shutdown = client_errors.from_rpc_error(CancelledRpcError("CANCELLED"))
+    assert isinstance(shutdown, client_errors.UnavailableError) and "shut down" in shutdown.details
+    for own in ("Locally cancelled by application!", "Channel closed!"):
+        assert isinstance(client_errors.from_rpc_error(CancelledRpcError(own)), client_errors.CancelledError)

@@ -4,8 +4,9 @@ replica or balanced across several.
 Several replicas: give a list of addresses (or "host1:port,host2:port"), or a DNS name that resolves to every
 replica (`dns:///interpgw-headless.ns.svc:50051`, a Kubernetes headless Service). gRPC's own client-side
 `round_robin` policy spreads calls over them and skips replicas that are down, and its retry policy repeats a call
-that failed with UNAVAILABLE before any reply arrived, for the methods that change nothing on the server (so a
-stopped replica costs its in-flight streams, never a request sent after it stopped).
+that failed with UNAVAILABLE (or a shutting-down server's CANCELLED) before any reply arrived, for the methods that
+change nothing on the server (so a stopped replica costs its in-flight streams, never a request sent after it
+stopped).
 
 The API key travels as `authorization: Bearer <key>` metadata on every call. Over TLS it is attached the usual gRPC
 way, as call credentials (`grpc.access_token_call_credentials`), which gRPC only sends over secure channels. Over a
@@ -86,7 +87,9 @@ SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    # CANCELLED: what a server answers to a call it never ran as it shuts down (see
+                    # errors.SHUTDOWN_CANCELLED_DETAILS); the client's own cancels are never retried
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],

@@ -99,9 +99,21 @@ def retry_delay(error: grpc.RpcError) -> float | None:
     return None
 
 
+# gRPC core answers CANCELLED, with exactly these details, to a call that reached a server as it began to shut
+# down, before any handler took it (grpc/grpc#41785): nothing ran and the server is going away, which is what
+# UNAVAILABLE means. The client's own cancels say "Locally cancelled by application!" (or "Channel closed!"), and a
+# handler cut at the end of the server's grace period is already UNAVAILABLE ("Cancelling all calls").
+SHUTDOWN_CANCELLED_DETAILS = "CANCELLED"
+
+
 def from_rpc_error(error: grpc.RpcError) -> InterpgwError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.CANCELLED and details == SHUTDOWN_CANCELLED_DETAILS:
+        return UnavailableError(
+            "the server shut down as the call arrived; it did not run (gRPC reports this as CANCELLED, "
+            "grpc/grpc#41785): retry, on another replica or after the restart"
+        )
     cls = _BY_CODE.get(code, InterpgwError)
     exc = cls(details or code.name, code) if cls is InterpgwError else cls(details or code.name)
     if isinstance(exc, ResourceExhaustedError):
