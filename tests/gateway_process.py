@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +71,11 @@ class GatewayProcess:
             time.sleep(0.5)
         self.port = int(match.group(1))
         self.address = f"127.0.0.1:{self.port}"
-        with Client(self.address, credentials=self.credentials) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    client.wait_ready(timeout=2.0)
-                    break
-                except Exception:  # noqa: BLE001 - not up yet
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log_tail()}") from None
-                    time.sleep(1.0)
+        try:  # the line is printed once health says SERVING: this is one check, not another wait
+            with Client(self.address, credentials=self.credentials) as client:
+                client.wait_ready(timeout=30.0)
+        except Exception as exc:
+            raise RuntimeError(f"gateway printed its address but is not serving ({exc}):\n{self.log_tail()}") from None
         self.metrics_url = self._metrics_url()
 
     def _metrics_url(self) -> str | None:
@@ -107,6 +102,14 @@ class GatewayProcess:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
+
+    def scrape_until(self, condition: Callable[[dict], bool], timeout_s: float) -> dict:
+        """Scrape /metrics until `condition(samples)` holds or `timeout_s` passes; the last scrape either way (the
+        caller asserts on it, with a message naming what it waited for)."""
+        deadline = time.monotonic() + timeout_s
+        while not condition(samples := self.scrape()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return samples
 
     def rss_bytes(self) -> int:
         """Resident memory of the gateway and every process it started (vLLM's engine core and worker)."""

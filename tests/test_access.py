@@ -10,7 +10,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -271,10 +270,8 @@ def test_max_tokens_and_capture_budget_of_a_key(access_gateway) -> None:
 def wait_for_admission_queue(gateway: GatewayProcess, waiting: int, timeout_s: float = 30.0) -> None:
     """Until the gateway reports `waiting` calls queued for admission (a fixed sleep raced a loaded CI machine)."""
     sample = ("interpgw_admission_requests", (("state", "waiting"),))
-    deadline = time.monotonic() + timeout_s
-    while gateway.scrape().get(sample) != waiting:
-        assert time.monotonic() < deadline, f"no {waiting} call(s) waiting for admission after {timeout_s} s"
-        time.sleep(0.05)
+    samples = gateway.scrape_until(lambda s: s.get(sample) == waiting, timeout_s)
+    assert samples.get(sample) == waiting, f"no {waiting} call(s) waiting for admission after {timeout_s} s"
 
 
 def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway) -> None:

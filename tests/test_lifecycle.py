@@ -46,17 +46,20 @@ def code_deltas(before: dict, after: dict) -> dict[str, float]:
 
 def wait_idle(gateway: GatewayProcess, model: str, timeout: float = 20.0) -> dict:
     """Polls /metrics until vLLM runs nothing and no Generate RPC is in flight; returns the last scrape."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = gateway.scrape()
-        running = sample(samples, "interpgw_engine_running_requests", model=model)
-        waiting = sample(samples, "interpgw_engine_waiting_requests", model=model)
-        in_flight = sample(samples, "interpgw_rpc_in_flight", method="Generate")
-        if running == 0 and waiting == 0 and in_flight == 0:
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still busy after {timeout}s: running {running}, waiting {waiting}, rpc {in_flight}")
-        time.sleep(0.2)
+
+    def busy(samples: dict) -> tuple[float, float, float]:
+        return (
+            sample(samples, "interpgw_engine_running_requests", model=model),
+            sample(samples, "interpgw_engine_waiting_requests", model=model),
+            sample(samples, "interpgw_rpc_in_flight", method="Generate"),
+        )
+
+    samples = gateway.scrape_until(lambda s: busy(s) == (0, 0, 0), timeout)
+    running, waiting, in_flight = busy(samples)
+    assert (running, waiting, in_flight) == (0, 0, 0), (
+        f"still busy after {timeout}s: running {running}, waiting {waiting}, rpc {in_flight}"
+    )
+    return samples
 
 
 # ---------------------------------------------------------------------- cancellation and deadlines

@@ -199,12 +199,8 @@ def test_metrics_count_what_happened(tiny_gateway, tiny_client) -> None:  # noqa
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     # the gateway pulls the worker's hook statistics every 5 s (and once after the engine goes idle): wait for them
-    deadline = time.monotonic() + 60
-    while True:
-        after = tiny_gateway.scrape()
-        if delta("interpgw_batch_interventions_sum", model=model) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    interventions = ("interpgw_batch_interventions_sum", (("model", model),))
+    after = tiny_gateway.scrape_until(lambda s: s.get(interventions, 0.0) - before.get(interventions, 0.0) >= 4, 60)
     tiny_client.steering.delete(vector.id)
 
     assert delta("interpgw_rpc_requests_total", method="Trace", code="OK") == 2

@@ -7,10 +7,14 @@ from pathlib import Path
 from interpgw.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
 
+def _is_default(model: str) -> bool:
+    return model in ("default", DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}")
+
+
 def model_argument_error(model: str) -> str | None:
     """Why `--model` cannot name a model, found without loading anything (a typo in a path would otherwise
     surface minutes later as a hub lookup's traceback); None when it may."""
-    if model in ("default", DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}"):
+    if _is_default(model):
         return None
     path = Path(model).expanduser()
     if path.is_dir():
@@ -26,7 +30,7 @@ def model_argument_error(model: str) -> str | None:
 
 def resolve_model(model: str) -> tuple[str | Path, str]:
     """Return (what to load, default served id)."""
-    if model in ("default", DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}"):
+    if _is_default(model):
         return ensure_default_model(), DEFAULT_MODEL_ID
     path = Path(model).expanduser()
     if path.is_dir():
