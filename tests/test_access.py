@@ -277,8 +277,22 @@ def wait_for_admission_queue(gateway: GatewayProcess, waiting: int, timeout_s: f
 def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway) -> None:
     """2 running + 1 waiting fit (--max-active-requests 2 --max-queued-requests 1); the 4th call is refused."""
     with client_for(access_gateway, "b_admin") as b:
-        # two long streams hold both slots for seconds (1000 tokens each, longer than any wait below)
-        streams = [b.generate_stream(PROMPT, max_tokens=1000, temperature=0, ignore_eos=True) for _ in range(2)]
+        # Two streams hold both slots until this test reads them: each captures every hook point at every position
+        # (22 x ~1000 x 128 float32, ~11 MB), more than HTTP/2 flow control lets the server send unread, so its
+        # handler cannot finish. Streams of tokens alone end in seconds, unread, and a slow CI machine let them.
+        hooks = b.model_info().hook_points
+        streams = [
+            b.generate_stream(
+                PROMPT,
+                max_tokens=1000,
+                temperature=0,
+                ignore_eos=True,
+                capture=hooks,
+                capture_generated=True,
+                capture_dtype="float32",
+            )
+            for _ in range(2)
+        ]
         for stream in streams:
             next(iter(stream))
         queued = b.generate_stream(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
@@ -286,7 +300,9 @@ def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway
         with pytest.raises(ResourceExhaustedError, match="busy") as refused:
             b.generate(PROMPT, max_tokens=2, temperature=0)
         assert refused.value.retry_after is not None
-        assert [len(s.collect().token_ids) for s in streams] == [1000, 1000]
+        results = [s.collect() for s in streams]
+        assert [len(r.token_ids) for r in results] == [1000, 1000]
+        assert all(sorted(r.activations) == sorted(hooks) for r in results)
         assert len(queued.collect().token_ids) == 5
 
 
