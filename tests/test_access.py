@@ -29,6 +29,7 @@ from interpgw_client import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
+from interpgw_client.client import GenerateStream
 from tiny_models import TINY_SERVER_ARGS
 
 pytestmark = pytest.mark.engine
@@ -241,12 +242,26 @@ def test_rate_limit_answers_resource_exhausted_with_retry_info(access_gateway) -
         assert refused.value.retry_after is not None and 0 < refused.value.retry_after <= 2.0
 
 
+def held_stream(client: Client) -> GenerateStream:
+    """A running Generate stream whose call lasts until the test reads it: it captures every hook point at every
+    position (22 x ~1000 x 128 float32, ~11 MB), more than HTTP/2 flow control lets the server send unread, so its
+    handler cannot finish. A stream of 1000 tokens alone ends in seconds unread, and slow CI machines outlasted it."""
+    stream = client.generate_stream(
+        PROMPT,
+        max_tokens=1000,
+        temperature=0,
+        ignore_eos=True,
+        capture=client.model_info().hook_points,
+        capture_generated=True,
+        capture_dtype="float32",
+    )
+    next(iter(stream))
+    return stream
+
+
 def test_concurrency_limit_refuses_the_second_stream_of_a_key(access_gateway) -> None:
     with client_for(access_gateway, "single") as single:
-        # 1000 tokens: the server must still be generating when the second call arrives (a fast server can
-        # finish a short stream into HTTP/2's buffers while a busy client has read one token)
-        first = single.generate_stream(PROMPT, max_tokens=1000, temperature=0, ignore_eos=True)
-        next(iter(first))  # the first stream is running
+        first = held_stream(single)  # running until read below
         with pytest.raises(ResourceExhaustedError, match="concurrency limit"):
             single.generate(PROMPT, max_tokens=2, temperature=0)
         result = first.collect()
@@ -277,24 +292,7 @@ def wait_for_admission_queue(gateway: GatewayProcess, waiting: int, timeout_s: f
 def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway) -> None:
     """2 running + 1 waiting fit (--max-active-requests 2 --max-queued-requests 1); the 4th call is refused."""
     with client_for(access_gateway, "b_admin") as b:
-        # Two streams hold both slots until this test reads them: each captures every hook point at every position
-        # (22 x ~1000 x 128 float32, ~11 MB), more than HTTP/2 flow control lets the server send unread, so its
-        # handler cannot finish. Streams of tokens alone end in seconds, unread, and a slow CI machine let them.
-        hooks = b.model_info().hook_points
-        streams = [
-            b.generate_stream(
-                PROMPT,
-                max_tokens=1000,
-                temperature=0,
-                ignore_eos=True,
-                capture=hooks,
-                capture_generated=True,
-                capture_dtype="float32",
-            )
-            for _ in range(2)
-        ]
-        for stream in streams:
-            next(iter(stream))
+        streams = [held_stream(b) for _ in range(2)]  # both slots, until read below
         queued = b.generate_stream(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
         wait_for_admission_queue(access_gateway, waiting=1)  # the third call reached the gateway and waits
         with pytest.raises(ResourceExhaustedError, match="busy") as refused:
@@ -302,7 +300,7 @@ def test_a_full_admission_queue_refuses_at_once_and_loses_nothing(access_gateway
         assert refused.value.retry_after is not None
         results = [s.collect() for s in streams]
         assert [len(r.token_ids) for r in results] == [1000, 1000]
-        assert all(sorted(r.activations) == sorted(hooks) for r in results)
+        assert all(sorted(r.activations) == sorted(b.model_info().hook_points) for r in results)
         assert len(queued.collect().token_ids) == 5
 
 
